@@ -1,0 +1,296 @@
+"""The flow meter: packets grouped into bidirectional flows, bounded, on the packets' own clock.
+
+A flow's key is the same in both directions (the lower endpoint first); its client is the sender
+of the first packet seen. The clock is the newest packet timestamp, so replaying a capture is
+deterministic; a live source also ticks the clock from the wall so flows end on a quiet link.
+Each flow keeps only its first K relevant packets as model bytes, so memory per flow is bounded
+by K and B, and the table itself is bounded by an LRU limit.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import struct
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from flagd.packets import Packets, Skip
+from flagd.preprocess import TCP, Preprocessing, RuleTable, model_bytes
+
+FIN, SYN, RST, ACK = 0x01, 0x02, 0x04, 0x10
+
+
+class Expiry(enum.StrEnum):
+    """Why a flow ended."""
+
+    IDLE = "idle"  # no packet for idle_timeout
+    ACTIVE = "active"  # older than active_timeout
+    END = "end"  # TCP FIN both ways or RST, then quiet for closed_timeout (or a new SYN)
+    LIMIT = "limit"  # evicted (least recently used) because the table was full
+    SHUTDOWN = "shutdown"  # the source ended or the daemon stopped
+
+
+@dataclass(frozen=True, slots=True)
+class FlowSettings:
+    idle_timeout: float = 120.0
+    active_timeout: float = 1800.0
+    # After FIN both ways or a RST the flow stays open this long, so the last ACKs and
+    # retransmitted FIN/RST land in it instead of starting a flow of their own.
+    closed_timeout: float = 5.0
+    max_flows: int = 262_144
+    ready_packets: int = 5  # K: relevant packets that make a flow ready for classification
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+
+
+@dataclass(slots=True, eq=False)
+class Flow:
+    key: bytes
+    flow_id: int
+    version: int
+    proto: int
+    client: bytes  # 16 bytes (IPv4 in the first 4)
+    server: bytes
+    client_port: int
+    server_port: int
+    start: float
+    last: float
+    client_is_high: bool  # whether the client is the key's second endpoint
+    pkts_toserver: int = 0
+    pkts_toclient: int = 0
+    bytes_toserver: int = 0
+    bytes_toclient: int = 0
+    packets: list[bytes] = field(default_factory=list)  # first K relevant packets, model bytes
+    relevant: int = 0  # relevant packets seen (may exceed K)
+    drop_rule: str | None = None  # first relevance rule that removed one of its packets
+    fin_toserver: bool = False
+    fin_toclient: bool = False
+    closed_at: float | None = None
+    ready: bool = False
+    expiry: Expiry | None = None
+
+    @property
+    def state(self) -> str:
+        if self.closed_at is not None:
+            return "closed"
+        return "established" if self.pkts_toclient and self.pkts_toserver else "new"
+
+
+@dataclass(slots=True)
+class FlowStats:
+    packets: int = 0
+    bytes: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)  # Skip reason name -> frames
+    flows: int = 0  # flows created
+    ended: dict[str, int] = field(default_factory=dict)  # Expiry -> flows
+    ready: int = 0
+
+    @property
+    def evicted(self) -> int:
+        return self.ended.get(Expiry.LIMIT, 0)
+
+
+# What the table hands on: ("ready", flow) once a flow has K relevant packets, ("end", flow) when
+# it ends. A flow that ends before it is ready is handed on only once, as "end".
+READY, END = "ready", "end"
+FlowUpdate = tuple[str, Flow]
+
+
+def _flow_id(key: bytes, start: float) -> int:
+    # Stable across replays of the same capture; 48 bits keep it exact in JSON readers.
+    return int.from_bytes(hashlib.blake2b(key + struct.pack("<d", start), digest_size=6).digest())
+
+
+def flow_keys(p: Packets, rows: np.ndarray) -> tuple[list[bytes], np.ndarray]:
+    """Direction-independent keys for the given rows, and whether each packet's source is the
+    key's high endpoint. Key: version, proto, low port, high port, low address, high address."""
+    src, dst = p.src[rows], p.dst[rows]
+    sport, dport = p.sport[rows], p.dport[rows]
+    s = src.view(">u8")  # (m, 2) big-endian halves compare like the bytes do
+    d = dst.view(">u8")
+    src_high = (s[:, 0] > d[:, 0]) | (
+        (s[:, 0] == d[:, 0]) & ((s[:, 1] > d[:, 1]) | ((s[:, 1] == d[:, 1]) & (sport > dport)))
+    )
+    m = len(rows)
+    key = np.empty((m, 38), np.uint8)
+    key[:, 0] = p.version[rows]
+    key[:, 1] = p.proto[rows]
+    lo_port = np.where(src_high, dport, sport).astype(">u2")
+    hi_port = np.where(src_high, sport, dport).astype(">u2")
+    key[:, 2:4] = lo_port.view(np.uint8).reshape(m, 2)
+    key[:, 4:6] = hi_port.view(np.uint8).reshape(m, 2)
+    high = src_high[:, None]
+    key[:, 6:22] = np.where(high, dst, src)
+    key[:, 22:38] = np.where(high, src, dst)
+    # Fixed-width rows: 'S38' drops trailing NULs, which keeps keys distinct at one width.
+    return key.view("S38").ravel().tolist(), src_high
+
+
+class FlowTable:
+    """Bounded, LRU-ordered bidirectional flow table. Not thread-safe: one thread feeds it."""
+
+    def __init__(self, settings: FlowSettings | None = None) -> None:
+        self.settings = settings or FlowSettings()
+        self.rules = RuleTable.compile(self.settings.preprocessing.rules)
+        self.flows: OrderedDict[bytes, Flow] = OrderedDict()  # least recently seen first
+        self.closing: deque[Flow] = deque()  # flows that saw FIN both ways or RST
+        self.now = 0.0  # newest timestamp seen (or ticked)
+        self.stats = FlowStats()
+        self._out: list[FlowUpdate] = []
+
+    def __len__(self) -> int:
+        return len(self.flows)
+
+    def add(self, p: Packets) -> list[FlowUpdate]:
+        """Account a batch of decoded packets; return the flows that became ready or ended."""
+        st = self.stats
+        counts = np.bincount(p.skip, minlength=len(Skip))
+        for reason in Skip:
+            if reason and counts[reason]:
+                st.skipped[reason.name.lower()] = st.skipped.get(reason.name.lower(), 0) + int(counts[reason])
+        rows = np.flatnonzero(p.skip == Skip.OK)
+        if not len(rows):
+            return self._drain()
+        keys, src_high = flow_keys(p, rows)
+        codes = self.rules.codes(p.proto[rows], p.sport[rows], p.dport[rows], p.payload_len[rows])
+        wirelen = p.wirelen[rows]
+        st.packets += len(rows)
+        st.bytes += int(wirelen.sum())
+        self._account(p, rows, keys, src_high.tolist(), codes.tolist(), wirelen.tolist())
+        self._sweep()
+        return self._drain()
+
+    def _account(self, p: Packets, rows: np.ndarray, keys: list[bytes], src_high: list[bool],
+                 codes: list[int], wirelen: list[int]) -> None:
+        s = self.settings
+        idle, active, closed_to, k_ready = s.idle_timeout, s.active_timeout, s.closed_timeout, s.ready_packets
+        pre = s.preprocessing
+        flows = self.flows
+        names = self.rules.names
+        ts = p.ts[rows].tolist()
+        flags = p.tcp_flags[rows].tolist()
+        proto = p.proto[rows].tolist()
+        now = self.now
+        for j, key in enumerate(keys):
+            t = ts[j]
+            if t > now:
+                now = t
+            f = flows.get(key)
+            if f is not None:
+                reason = None
+                if t - f.last > idle:
+                    reason = Expiry.IDLE
+                elif t - f.start > active:
+                    reason = Expiry.ACTIVE
+                elif f.closed_at is not None and (
+                    t - f.last > closed_to or (flags[j] & (SYN | ACK)) == SYN
+                ):
+                    reason = Expiry.END
+                if reason is None:
+                    flows.move_to_end(key)
+                else:
+                    self._end(f, reason)
+                    f = None
+            if f is None:
+                if len(flows) >= s.max_flows:
+                    self._end(next(iter(flows.values())), Expiry.LIMIT)
+                f = self._new(p, rows[j], key, src_high[j], t)
+            f.last = t
+            if src_high[j] == f.client_is_high:
+                f.pkts_toserver += 1
+                f.bytes_toserver += wirelen[j]
+                to_server = True
+            else:
+                f.pkts_toclient += 1
+                f.bytes_toclient += wirelen[j]
+                to_server = False
+            if proto[j] == TCP:
+                fl = flags[j]
+                if fl & (FIN | RST) and f.closed_at is None:
+                    if fl & RST:
+                        f.closed_at = t
+                    elif to_server:
+                        f.fin_toserver = True
+                    else:
+                        f.fin_toclient = True
+                    if f.fin_toserver and f.fin_toclient:
+                        f.closed_at = t
+                    if f.closed_at is not None:
+                        self.closing.append(f)
+            code = codes[j]
+            if code:
+                if f.drop_rule is None:
+                    f.drop_rule = names[code - 1]
+            else:
+                if f.relevant < k_ready:
+                    i = int(rows[j])
+                    f.packets.append(model_bytes(
+                        p.frames.data, int(p.ip_off[i]), int(p.ip_caplen[i]), int(p.l4_off[i]),
+                        int(p.l4_hdr_len[i]), int(p.version[i]), proto[j], pre))
+                    if len(f.packets) == k_ready:
+                        f.ready = True
+                        self.stats.ready += 1
+                        self._out.append((READY, f))
+                f.relevant += 1
+        self.now = now
+
+    def _new(self, p: Packets, i: int, key: bytes, src_high: bool, t: float) -> Flow:
+        self.stats.flows += 1
+        f = Flow(
+            key=key, flow_id=_flow_id(key, t), version=int(p.version[i]), proto=int(p.proto[i]),
+            client=p.src[i].tobytes(), server=p.dst[i].tobytes(),
+            client_port=int(p.sport[i]), server_port=int(p.dport[i]),
+            start=t, last=t, client_is_high=src_high,
+        )
+        self.flows[key] = f
+        return f
+
+    def _end(self, f: Flow, reason: Expiry) -> None:
+        del self.flows[f.key]
+        f.expiry = reason
+        self.stats.ended[reason] = self.stats.ended.get(reason, 0) + 1
+        self._out.append((END, f))
+
+    def _sweep(self) -> None:
+        """End flows idle past their timeout at the current clock (oldest first)."""
+        now, s = self.now, self.settings
+        while self.closing:
+            f = self.closing[0]
+            if f.expiry is not None:  # already ended for another reason
+                self.closing.popleft()
+            elif now - f.last > s.closed_timeout:
+                self.closing.popleft()
+                self._end(f, Expiry.END)
+            elif now - f.closed_at > s.closed_timeout:
+                self.closing.rotate(-1)  # still talking after close: look again later
+                break
+            else:
+                break
+        for f in list(self._stale(now - s.idle_timeout)):
+            self._end(f, Expiry.IDLE)
+
+    def _stale(self, cutoff: float):
+        for f in self.flows.values():
+            if f.last >= cutoff:
+                return
+            yield f
+
+    def tick(self, now: float) -> list[FlowUpdate]:
+        """Advance the clock without packets (a live source on a quiet link) and expire flows."""
+        if now > self.now:
+            self.now = now
+        self._sweep()
+        return self._drain()
+
+    def flush(self, reason: Expiry = Expiry.SHUTDOWN) -> list[FlowUpdate]:
+        """End every open flow (end of a capture, or shutdown)."""
+        for f in list(self.flows.values()):
+            self._end(f, reason)
+        self.closing.clear()
+        return self._drain()
+
+    def _drain(self) -> list[FlowUpdate]:
+        out, self._out = self._out, []
+        return out
