@@ -1,0 +1,130 @@
+"""Throughput of flagd's capture reading and decoding against scapy on the same capture.
+
+Generates a pcap of small TCP/UDP Ethernet frames over a few thousand flows in a temporary
+directory, then times, in this process:
+
+  flagd   read_capture + decode over the whole file (numpy over whole batches)
+  scapy   rdpcap + per-packet dissection reading the IP/TCP/UDP fields, on a prefix
+
+and prints packets/s for each and their ratio, with the machine it ran on.
+
+    python benchmarks/bench_decode.py [--packets 200000] [--n-flows 4000] [--scapy-packets 5000]
+
+Further per-batch stages (the flow meter: a `--flows` flag) plug in as entries of `stages()`;
+each is timed as part of the flagd chain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from flagd.frames import LINKTYPE_ETHERNET, Frames
+from flagd.packets import Skip, decode
+from flagd.source import read_capture
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests import crafted  # noqa: E402  (the pcap writer and the traffic generator)
+
+# A stage takes the decoded batch and the frames it came from; its result is ignored.
+Stage = Callable[[object, Frames], object]
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+            f"numpy {np.__version__}, {platform.system()} {platform.release()}")  # fmt: skip
+
+
+def stages(args: argparse.Namespace) -> list[tuple[str, Stage]]:
+    """The stages run on each decoded batch after read + decode (none yet: --flows goes here)."""
+    return []
+
+
+def time_flagd(path: Path, extra: list[tuple[str, Stage]], repeat: int) -> tuple[int, float, float]:
+    """(packets, best seconds for read alone, best seconds for read + decode + extra stages)."""
+    best_read = best_all = float("inf")
+    n = 0
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for _frames in read_capture(path):
+            pass
+        best_read = min(best_read, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        n = ok = 0
+        for frames in read_capture(path):
+            p = decode(frames)
+            for _, stage in extra:
+                stage(p, frames)
+            n += len(p)
+            ok += int((p.skip == Skip.OK).sum())
+        best_all = min(best_all, time.perf_counter() - t0)
+        assert ok == n, "the generated traffic is all TCP/UDP"
+    return n, best_read, best_all
+
+
+def time_scapy(path: Path) -> tuple[int, float]:
+    """rdpcap + reading the fields decode() produces, one scapy object per packet."""
+    import warnings
+
+    from scapy.layers.inet import IP, TCP, UDP
+    from scapy.utils import rdpcap
+
+    warnings.filterwarnings("ignore")
+    t0 = time.perf_counter()
+    keys = []
+    for pkt in rdpcap(str(path)):
+        ip = pkt[IP]
+        l4 = ip[TCP] if ip.proto == 6 else ip[UDP]
+        flags = int(l4.flags) if ip.proto == 6 else 0
+        keys.append((ip.src, ip.dst, ip.proto, l4.sport, l4.dport, flags, len(l4.payload)))
+    return len(keys), time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--packets", type=int, default=200_000, help="packets in the generated capture")
+    ap.add_argument("--n-flows", type=int, default=4000, help="distinct 5-tuples in it")
+    ap.add_argument("--scapy-packets", type=int, default=5000, help="prefix scapy dissects")
+    ap.add_argument("--repeat", type=int, default=3, help="flagd runs; the best is reported")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="flagd-bench-") as tmp:
+        t0 = time.perf_counter()
+        recs = crafted.benchmark_records(args.packets, args.n_flows)
+        full = crafted.write_pcap(Path(tmp) / "bench.pcap", recs, LINKTYPE_ETHERNET)
+        prefix = crafted.write_pcap(Path(tmp) / "prefix.pcap", recs[: args.scapy_packets],
+                                    LINKTYPE_ETHERNET)  # fmt: skip
+        size = full.stat().st_size
+        print(f"machine: {machine()}")
+        print(f"capture: {args.packets} packets, {args.n_flows} flows, {size / 1e6:.1f} MB "
+              f"(generated in {time.perf_counter() - t0:.1f} s)")  # fmt: skip
+
+        extra = stages(args)
+        n, t_read, t_all = time_flagd(full, extra, args.repeat)
+        chain = " + ".join(["read_capture", "decode", *(name for name, _ in extra)])
+        flagd_rate = n / t_all
+        print(f"flagd read_capture alone: {n / t_read:12,.0f} packets/s")
+        print(f"flagd {chain}: {flagd_rate:12,.0f} packets/s ({t_all:.3f} s for {n})")
+
+        m, t_scapy = time_scapy(prefix)
+        scapy_rate = m / t_scapy
+        print(f"scapy rdpcap + dissection: {scapy_rate:12,.0f} packets/s ({t_scapy:.3f} s for {m})")
+        print(f"ratio flagd / scapy: {flagd_rate / scapy_rate:,.0f}x")
+
+
+if __name__ == "__main__":
+    main()
