@@ -25,7 +25,7 @@ LINKTYPE_LINUX_SLL2 = 276
 class Frames:
     """A batch of captured frames. Record i is data[offset[i] : offset[i] + caplen[i]]."""
 
-    data: np.ndarray  # uint8, all records back to back
+    data: np.ndarray  # uint8 buffer holding the records (read-only for files; may hold gaps)
     offset: np.ndarray  # int64, start of each record in data
     caplen: np.ndarray  # int32, bytes captured
     wirelen: np.ndarray  # int32, bytes on the wire (>= caplen when a snaplen cut the frame)

@@ -99,7 +99,7 @@ class Pipeline:
         self._shed: set[int] = set()  # flows shed at the batch queue whose end is still coming
         self._max_pending = 2 * self.s.flows.max_flows
         self._ready_at: dict[int, float] = {}
-        self._last_stats = (self.started, 0, 0)
+        self._samples: deque[tuple[float, int, int]] = deque()
 
     # --- capture thread -------------------------------------------------------------------
     def _capture(self) -> None:
@@ -167,7 +167,8 @@ class Pipeline:
                 pending = []
         if pending:
             self._send(pending)
-        self.batch_q.put(_DONE)
+        if classify:
+            self.batch_q.put(_DONE)
         self.event_q.put(_DONE)
 
     def _send(self, flows: list[Flow]) -> None:
@@ -238,9 +239,14 @@ class Pipeline:
     def stats(self, final: bool = False) -> dict:
         now = time.monotonic()
         fs = self.table.stats
-        t_prev, p_prev, f_prev = self._last_stats
+        # Rates over the last ~10 s, whoever asks (stats events and the dashboard alike).
+        samples = self._samples
+        if not samples or now - samples[-1][0] >= 0.5:
+            samples.append((now, fs.packets, fs.flows))
+        while len(samples) > 2 and now - samples[1][0] >= 10:
+            samples.popleft()
+        t_prev, p_prev, f_prev = samples[0] if len(samples) > 1 else (self.started, 0, 0)
         dt = max(now - t_prev, 1e-9)
-        self._last_stats = (now, fs.packets, fs.flows)
         lat = np.array(self.latencies) * 1000 if self.latencies else None
         st = {
             "uptime": round(now - self.started, 3),
@@ -306,3 +312,73 @@ class Pipeline:
         self.source.close()
         return self.counters
 
+
+
+class FileSource:
+    """Frames from a capture file, as fast as possible or paced by the capture's own clock."""
+
+    live = False
+
+    def __init__(self, path: str, speed: float | None = None) -> None:
+        from flagd.source import read_capture
+
+        self.name = path
+        self.speed = speed  # None = as fast as possible; 1.0 = real time; 2.0 = twice as fast
+        # Paced replays read small batches so packets are released close to their time.
+        self.capture = read_capture(path, batch_size=65536 if speed is None else 64)
+
+    def batches(self, stop: threading.Event) -> Iterator[Frames]:
+        t0 = wall0 = None
+        for frames in self.capture:
+            if self.speed is not None and len(frames):
+                if t0 is None:
+                    t0, wall0 = float(frames.ts[0]), time.monotonic()
+                due = wall0 + (float(frames.ts[-1]) - t0) / self.speed
+                if stop.wait(max(0.0, due - time.monotonic())):
+                    return
+            yield frames
+
+    def kernel_drops(self) -> int:
+        return 0
+
+    def problem(self) -> str:
+        return self.capture.stats.problem
+
+    def close(self) -> None:
+        self.capture.close()
+
+
+class LiveSource:
+    """Frames from an open live capture; reports link changes without stopping."""
+
+    live = True
+
+    def __init__(self, capture, notice: Callable[[str], None] | None = None) -> None:
+        from flagd.capture import LinkMonitor
+
+        self.capture = capture
+        self.name = capture.iface
+        self.notice = notice or (lambda msg: None)
+        try:
+            self.links = LinkMonitor([capture.iface])
+        except OSError:  # no netlink (unusual sandboxes): capture still works
+            self.links = None
+
+    def batches(self, stop: threading.Event) -> Iterator[Frames]:
+        while not stop.is_set():
+            yield self.capture.read(timeout=0.1)
+            if self.links is not None:
+                for ev in self.links.poll(0):
+                    state = "removed" if ev.removed else ("up" if ev.up else f"down ({ev.operstate})")
+                    self.notice(f"link {ev.name} is {state}")
+
+    def kernel_drops(self) -> int:
+        return self.capture.stats().dropped
+
+    def problem(self) -> str:
+        return ""
+
+    def close(self) -> None:
+        if self.links is not None:
+            self.links.close()
+        self.capture.close()

@@ -1,0 +1,452 @@
+"""The `flagd` command line: one thin function per command.
+
+Each command builds settings, calls one function, and turns the errors it expects into one
+line on stderr and an exit code; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="Classify encrypted traffic flows with FLAG, live or from captures.")
+dataset_app = typer.Typer(no_args_is_help=True, help="Build labelled flow datasets from captures.")
+vocab_app = typer.Typer(no_args_is_help=True, help="Build N-phrase dictionaries.")
+app.add_typer(dataset_app, name="dataset")
+app.add_typer(vocab_app, name="vocab")
+
+
+class Exit(enum.IntEnum):
+    OK = 0
+    ERROR = 1  # bad input: unreadable file, unknown interface, missing privilege, ...
+    USAGE = 2
+    INTERRUPTED = 130
+
+
+def fail(msg: str, code: Exit = Exit.ERROR) -> typer.Exit:
+    typer.echo(f"flagd: {msg}", err=True)
+    return typer.Exit(code)
+
+
+def _speed(value: str) -> float | None:
+    if value == "max":
+        return None
+    if value == "realtime":
+        return 1.0
+    try:
+        f = float(value)
+    except ValueError:
+        raise typer.BadParameter("use max, realtime or a factor such as 2.5") from None
+    if f <= 0:
+        raise typer.BadParameter("the factor must be positive")
+    return f
+
+
+def _load_model(model: str | None, no_model: bool, top_k: int):
+    """The bundle to classify with, or None for flow events only."""
+    from flagd.infer import Bundle, BundleError, default_model
+
+    if no_model:
+        return None
+    path = Path(model) if model else default_model()
+    try:
+        return Bundle.load(path, top_k=top_k)
+    except BundleError as e:
+        raise fail(str(e)) from None
+
+
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Model bundle directory [default: the shipped models/iscx-vpn2016].")]
+NoModelOpt = Annotated[bool, typer.Option("--no-model", help="Only meter flows; classify nothing.")]
+LogOpt = Annotated[str | None, typer.Option("--log", "-l", help="JSONL event log ('-' = stdout).")]
+DashOpt = Annotated[bool | None, typer.Option("--dashboard/--no-dashboard", help="Terminal dashboard [default: when stdout is a terminal and --log is a file].")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file (see README); options given here override it.")]
+
+
+def _serve(source, cfg, model: str | None, no_model: bool, user: str | None = None) -> None:
+    from flagd.daemon import serve
+    from flagd.flows import FlowSettings
+
+    bundle = _load_model(model or cfg.model, no_model, cfg.top_k)
+    flows = bundle.settings if bundle else FlowSettings()
+    try:
+        settings = cfg.pipeline_settings(flows)
+        pipe = serve(source, bundle, cfg, settings, user=user)
+    except (OSError, ValueError) as e:
+        raise fail(str(e)) from None
+    problem = source.problem()
+    if problem:  # e.g. a file cut short: what was read was processed, and we say so
+        typer.echo(f"flagd: warning: {problem}", err=True)
+    if pipe.counters.capture_error:
+        raise fail(f"{source.name}: {pipe.counters.capture_error}")
+
+
+@app.command()
+def replay(
+    capture: Annotated[Path, typer.Argument(help="pcap or pcapng file.")],
+    log: LogOpt = None,
+    model: ModelOpt = None,
+    no_model: NoModelOpt = False,
+    speed: Annotated[str, typer.Option(help="max, realtime, or a factor of real time.")] = "max",
+    dashboard: DashOpt = None,
+    config: ConfigOpt = None,
+    batch_size: Annotated[int | None, typer.Option(help="Most flows per inference batch.")] = None,
+    batch_delay_ms: Annotated[float | None, typer.Option(help="Longest wait for a batch to fill.")] = None,
+    stats_interval: Annotated[float | None, typer.Option(help="Seconds between stats events (0: only the final one).")] = None,
+) -> None:
+    """Run the classification pipeline on a capture file and write its events."""
+    from flagd.daemon import RunConfig
+    from flagd.packets import DecodeError
+    from flagd.pipeline import FileSource
+
+    try:
+        cfg = RunConfig.load(config, log=log, dashboard=dashboard, batch_size=batch_size,
+                             batch_delay_ms=batch_delay_ms, stats_interval=stats_interval)
+        source = FileSource(str(capture), _speed(speed))
+    except (DecodeError, ValueError) as e:
+        raise fail(str(e)) from None
+    _serve(source, cfg, model, no_model)
+
+
+@app.command()
+def run(
+    iface: Annotated[str | None, typer.Option("--iface", "-i", help="Interface to capture on.")] = None,
+    log: LogOpt = None,
+    model: ModelOpt = None,
+    no_model: NoModelOpt = False,
+    bpf: Annotated[str | None, typer.Option(help="Capture filter (pcap syntax).")] = None,
+    promisc: Annotated[bool | None, typer.Option("--promisc/--no-promisc", help="Promiscuous mode.")] = None,
+    user: Annotated[str | None, typer.Option(help="Drop to this user once the socket is open.")] = None,
+    dashboard: DashOpt = None,
+    config: ConfigOpt = None,
+    batch_size: Annotated[int | None, typer.Option(help="Most flows per inference batch.")] = None,
+    batch_delay_ms: Annotated[float | None, typer.Option(help="Longest wait for a batch to fill.")] = None,
+    stats_interval: Annotated[float | None, typer.Option(help="Seconds between stats events.")] = None,
+) -> None:
+    """Capture live traffic on an interface and classify every flow."""
+    from flagd.capture import CaptureError, open_capture
+    from flagd.daemon import RunConfig
+    from flagd.pipeline import LiveSource
+
+    try:
+        cfg = RunConfig.load(config, iface=iface, log=log, bpf=bpf, promisc=promisc, user=user,
+                             dashboard=dashboard, batch_size=batch_size,
+                             batch_delay_ms=batch_delay_ms, stats_interval=stats_interval)
+    except ValueError as e:
+        raise fail(str(e)) from None
+    if not cfg.iface:
+        raise fail("no interface: give --iface NAME (or iface in the config file)", Exit.USAGE)
+    bundle_check = _load_model(model or cfg.model, no_model, cfg.top_k)  # fail before capturing
+    try:
+        capture = open_capture(cfg.iface, bpf=cfg.bpf, promisc=cfg.promisc)
+    except CaptureError as e:
+        raise fail(str(e)) from None
+    source = LiveSource(capture)
+    _serve_loaded(source, cfg, bundle_check, cfg.user)
+
+
+def _serve_loaded(source, cfg, bundle, user) -> None:
+    from flagd.capture import CaptureError
+    from flagd.daemon import serve
+    from flagd.flows import FlowSettings
+
+    try:
+        settings = cfg.pipeline_settings(bundle.settings if bundle else FlowSettings())
+        pipe = serve(source, bundle, cfg, settings, user=user)
+    except (OSError, ValueError, CaptureError) as e:
+        raise fail(str(e)) from None
+    if pipe.counters.capture_error:
+        raise fail(f"{source.name}: {pipe.counters.capture_error}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(Exit.INTERRUPTED)
+
+
+# --- training ---------------------------------------------------------------------------------
+
+LabelsOpt = Annotated[str, typer.Option("--labels", help="dir: class = parent directory name; iscx: original ISCX VPN-nonVPN file names.")]
+
+
+def _flow_settings(packets: int, packet_bytes: int, honest: bool, rules: str | None):
+    from flagd.flows import FlowSettings
+    from flagd.preprocess import DEFAULT_RULES, Preprocessing
+
+    rule_list = tuple(r for r in rules.split(",") if r) if rules is not None else DEFAULT_RULES
+    pre = (Preprocessing.honest if honest else Preprocessing)(packet_bytes=packet_bytes, rules=rule_list)
+    return FlowSettings(ready_packets=packets, preprocessing=pre)
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), transient=True)
+
+
+def _datasets(data: list[Path]):
+    """Flows from built datasets (.npz) or capture trees (labelled by directory)."""
+    from flagd.dataset import Dataset, DatasetError, build
+    from flagd.labels import labeller
+
+    out = []
+    trees = [d for d in data if d.suffix != ".npz"]
+    try:
+        out += [Dataset.load(d) for d in data if d.suffix == ".npz"]
+    except DatasetError as e:
+        raise fail(str(e)) from None
+    if trees:
+        out.append(build(trees, label=labeller("dir")))
+    return out
+
+
+@dataset_app.command("build")
+def dataset_build(
+    src: Annotated[list[Path], typer.Argument(help="Capture files or directory trees.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Dataset file (.npz).")],
+    labels: LabelsOpt = "dir",
+    packets: Annotated[int, typer.Option(help="K: relevant packets kept per flow.")] = 5,
+    packet_bytes: Annotated[int, typer.Option(help="B: bytes kept per packet.")] = 128,
+    honest: Annotated[bool, typer.Option(help="Mask ports, sequence numbers, IP ID, TTL, checksums, TCP timestamps too.")] = False,
+    rules: Annotated[str | None, typer.Option(help="Comma-separated relevance rules ('' = keep every packet).")] = None,
+) -> None:
+    """Turn captures into labelled, preprocessed flows."""
+    from flagd.dataset import build, find_captures
+    from flagd.labels import labeller
+
+    for p in src:
+        if not p.exists():
+            raise fail(f"{p}: no such file or directory")
+    try:
+        settings = _flow_settings(packets, packet_bytes, honest, rules)
+        label = labeller(labels)
+    except ValueError as e:
+        raise fail(str(e), Exit.USAGE) from None
+    n = sum(1 for _ in find_captures(src))
+    with _progress() as bar:
+        task = bar.add_task("reading captures", total=n)
+        ds = build(src, settings, label, progress=lambda cap: bar.advance(task))
+    path = ds.save(out)
+    st = ds.stats
+    typer.echo(f"{path}: {len(ds)} flows in {len(ds.classes)} classes from {st.get('captures', 0)} "
+               f"captures; {st.get('duplicates', 0)} duplicates removed; dropped "
+               f"{sum(st['dropped'].values())} flows without relevant packets {st['dropped']}")
+    for cls, count in st["per_class"].items():
+        typer.echo(f"  {cls:24} {count}")
+    for err in st["errors"].values():
+        typer.echo(f"flagd: skipped {err}", err=True)
+    if st.get("captures_unlabelled"):
+        typer.echo(f"flagd: {st['captures_unlabelled']} captures had no label and were skipped", err=True)
+
+
+@vocab_app.command("build")
+def vocab_build(
+    data: Annotated[list[Path], typer.Argument(help="Datasets (.npz) or capture trees.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Dictionary file (.json).")],
+    size: Annotated[int, typer.Option("--size", help="m: phrases kept, the 256 single bytes included.")] = 4096,
+) -> None:
+    """Fit an N-phrase dictionary on the flows' bytes."""
+    from flagd.phrases import PhraseDict
+
+    flows = [f for ds in _datasets(data) for f in ds.flows]
+    total = sum(len(p) for f in flows for p in f)
+    with _progress() as bar:
+        task = bar.add_task("counting n-grams (bytes)", total=total)
+        phrases = PhraseDict.fit((p for f in flows for p in f), size,
+                                 progress=lambda n: bar.update(task, completed=n))
+    phrases.save(out)
+    cov = phrases.coverage(p for f in flows for p in f)
+    typer.echo(f"{out}: {phrases.size} phrases (sha256 {phrases.sha256[:16]}) from {total:,} bytes")
+    typer.echo("bytes covered: " + ", ".join(f"{k} {v:.1%}" if isinstance(v, float) and k.startswith("share") else f"{k} {v}"
+                                             for k, v in cov.items()))
+
+
+def _phrases(vocab: Path):
+    from flagd.phrases import PhraseDict, PhraseDictError
+
+    try:
+        return PhraseDict.load(vocab)
+    except PhraseDictError as e:
+        raise fail(str(e)) from None
+
+
+@app.command()
+def pretrain(
+    data: Annotated[list[Path], typer.Argument(help="Datasets (.npz) or capture trees (labels unused).")],
+    vocab: Annotated[Path, typer.Option(help="Phrase dictionary from `flagd vocab build`.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Run directory.")],
+    preset: Annotated[str, typer.Option(help="tiny, small or paper.")] = "small",
+    max_len: Annotated[int, typer.Option(help="Longest phrase sequence.")] = 128,
+    epochs: Annotated[int, typer.Option(help="Passes over the data (each re-masked).")] = 20,
+    batch_size: int = 64,
+    lr: float = 5e-4,
+    val_fraction: Annotated[float, typer.Option(help="Share of flows held out for validation.")] = 0.1,
+    seed: int = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pt.")] = False,
+) -> None:
+    """Pre-train the encoder by masked-phrase prediction with dynamic masking."""
+    import numpy as np
+
+    from flagd.model import ModelConfig
+    from flagd.train import pretrain as run_pretrain
+
+    phrases, sets = _phrases(vocab), _datasets(data)
+    ids = np.concatenate([phrases.encode_flows(ds.flows, max_len) for ds in sets])
+    order = np.random.default_rng(seed).permutation(len(ids))
+    n_val = max(1, int(len(ids) * val_fraction))
+    try:
+        cfg = ModelConfig.preset(preset, vocab_size=phrases.vocab_size, max_len=max_len)
+    except ValueError as e:
+        raise fail(str(e), Exit.USAGE) from None
+    m = run_pretrain(ids[order[n_val:]], ids[order[:n_val]], cfg, out, epochs=epochs,
+                     batch_size=batch_size, lr=lr, vocab_sha256=phrases.sha256, seed=seed,
+                     resume=resume)
+    typer.echo(f"{out}/best.pt: validation loss {m.get('best_val_loss', m.get('val_loss'))}")
+
+
+@app.command()
+def finetune(
+    train: Annotated[Path, typer.Argument(help="Labelled training dataset (.npz).")],
+    val: Annotated[Path, typer.Argument(help="Labelled validation dataset (.npz).")],
+    vocab: Annotated[Path, typer.Option(help="Phrase dictionary (the pre-training one).")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Run directory; the best model is exported to OUT/model/.")],
+    init: Annotated[Path | None, typer.Option(help="Pre-trained checkpoint (best.pt).")] = None,
+    no_pretrain: Annotated[bool, typer.Option("--no-pretrain", help="Start from random weights (the baseline).")] = False,
+    preset: Annotated[str, typer.Option(help="Model preset with --no-pretrain.")] = "small",
+    max_len: int = 128,
+    epochs: int = 20,
+    batch_size: int = 64,
+    lr: float = 3e-4,
+    label_fraction: Annotated[float, typer.Option(help="Use this share of the training labels (per class).")] = 1.0,
+    seed: int = 0,
+) -> None:
+    """Fine-tune a classifier on [CLS]; keeps the epoch with the best validation macro-F1."""
+    import numpy as np
+    import torch
+
+    from flagd.dataset import Dataset, DatasetError
+    from flagd.experiment import subsample
+    from flagd.flows import FlowSettings
+    from flagd.infer import save_bundle
+    from flagd.model import ModelConfig
+    from flagd.preprocess import Preprocessing
+    from flagd.train import finetune as run_finetune
+
+    if (init is None) != no_pretrain:
+        raise fail("give --init CHECKPOINT, or --no-pretrain for the random-weights baseline", Exit.USAGE)
+    phrases = _phrases(vocab)
+    try:
+        tr, va = Dataset.load(train), Dataset.load(val)
+    except DatasetError as e:
+        raise fail(str(e)) from None
+    if tr.classes != va.classes:
+        raise fail(f"{train} and {val} have different classes")
+    ckpt = torch.load(init, weights_only=True) if init else None
+    idx = subsample(np.arange(len(tr)), tr.labels, label_fraction, seed)
+    cfg = None if ckpt else ModelConfig.preset(preset, vocab_size=phrases.vocab_size, max_len=max_len)
+    max_len = ckpt["config"]["max_len"] if ckpt else max_len
+    run_finetune(phrases.encode_flows([tr.flows[i] for i in idx], max_len), tr.labels[idx],
+                 phrases.encode_flows(va.flows, max_len), va.labels, init=ckpt, cfg=cfg,
+                 labels=tr.classes, run_dir=out, epochs=epochs, batch_size=batch_size, lr=lr,
+                 vocab_sha256=phrases.sha256, seed=seed)
+    s = tr.settings
+    settings = FlowSettings(ready_packets=s["ready_packets"],
+                            preprocessing=Preprocessing.from_dict(s["preprocessing"]))
+    best = torch.load(out / "best.pt", weights_only=True)
+    bundle = save_bundle(out / "model", best, phrases, settings, max_len, metrics=best["metrics"])
+    typer.echo(f"{bundle}: model bundle (use with --model)")
+
+
+@app.command(name="evaluate")
+def evaluate_cmd(
+    model: Annotated[Path, typer.Argument(help="Model bundle directory.")],
+    data: Annotated[list[Path], typer.Argument(help="Capture trees (class = directory) or datasets (.npz).")],
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
+    heatmap: Annotated[Path | None, typer.Option(help="Confusion-matrix PNG [default: next to --json].")] = None,
+    labels: LabelsOpt = "dir",
+) -> None:
+    """Score a model on labelled flows: TPR/FPR/FTF (paper), accuracy, macro-F1, confusion."""
+    from rich.console import Console
+
+    from flagd import evaluate
+    from flagd.dataset import Dataset, DatasetError, build
+    from flagd.infer import Bundle, BundleError
+    from flagd.labels import labeller
+
+    try:
+        bundle = Bundle.load(model)
+    except BundleError as e:
+        raise fail(str(e)) from None
+    for p in data:
+        if not p.exists():
+            raise fail(f"{p}: no such file or directory")
+    sets = []
+    try:
+        for p in data:
+            if p.suffix == ".npz":
+                ds = Dataset.load(p)
+                if ds.settings["preprocessing"] != bundle.settings.preprocessing.to_dict():
+                    raise fail(f"{p}: built with other preprocessing than {model} expects; rebuild it")
+                sets.append(ds)
+            else:
+                sets.append(build([p], bundle.settings, labeller(labels)))
+    except DatasetError as e:
+        raise fail(str(e)) from None
+    flows, y, dropped = [], [], 0
+    for ds in sets:
+        unknown = set(ds.classes) - set(bundle.labels)
+        if unknown:
+            raise fail(f"classes the model does not know: {', '.join(sorted(unknown))}")
+        index = [bundle.labels.index(c) for c in ds.classes]
+        flows += ds.flows
+        y += [index[i] for i in ds.labels]
+        dropped += sum(ds.stats.get("dropped", {}).values())
+    if not flows:
+        raise fail("no flow with a relevant packet in the data")
+    pred = bundle.predict_flows(flows)
+    report = evaluate.metrics(y, pred, bundle.labels, n_dropped=dropped)
+    Console().print(evaluate.render_table(report))
+    if json_out:
+        evaluate.write_json(report, json_out)
+        evaluate.save_heatmap(report, heatmap or json_out.with_suffix(".png"))
+    elif heatmap:
+        evaluate.save_heatmap(report, heatmap)
+
+
+@app.command()
+def train(
+    tree: Annotated[list[Path], typer.Argument(help="Class-per-directory capture tree(s).")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Run directory.")],
+    preset: str = "small",
+    vocab_size: Annotated[int, typer.Option(help="m, the phrase dictionary size.")] = 4096,
+    max_len: int = 128,
+    pretrain_epochs: int = 20,
+    finetune_epochs: int = 20,
+    batch_size: int = 64,
+    mode: Annotated[list[str] | None, typer.Option(help="paper and/or honest [default: both].")] = None,
+    labels: LabelsOpt = "dir",
+    seed: int = 0,
+) -> None:
+    """The paper's protocol (40% unlabelled, 60% labelled 6:2:2; all and 10% of labels) with
+    FLAG, no pre-training and bytes-only runs, and an honest mode beside it."""
+    from rich.console import Console
+
+    from flagd.evaluate import compare_table
+    from flagd.experiment import Protocol, run_protocol
+
+    for p in tree:
+        if not p.is_dir():
+            raise fail(f"{p}: not a directory")
+    proto = Protocol(preset=preset, vocab_size=vocab_size, max_len=max_len,
+                     pretrain_epochs=pretrain_epochs, finetune_epochs=finetune_epochs,
+                     batch_size=batch_size, seed=seed, modes=tuple(mode or ("paper", "honest")))
+    rows = run_protocol(tree, out, proto, label_kind=labels)
+    Console().print(compare_table(rows))
+    typer.echo(f"{out}/report.json")

@@ -1,0 +1,148 @@
+"""Running the pipeline as a program: settings from a config file, signals, sinks, dashboard.
+
+`flagd run` and `flagd replay` both end up in `serve`; they differ only in the source.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import sys
+import threading
+import time
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+from flagd.events import Anonymizer, EventHeader
+from flagd.flows import FlowSettings
+from flagd.pipeline import Classifier, Pipeline, PipelineSettings, Source
+from flagd.sinks import JsonlSink, RecentEvents
+
+DEFAULT_CONFIG = Path("/etc/flagd/flagd.toml")
+
+
+@dataclass
+class RunConfig:
+    """Every key of flagd.toml (documented in README.md); command-line options override them."""
+
+    iface: str | None = None
+    bpf: str | None = None
+    promisc: bool = False
+    model: str | None = None  # model bundle directory; None = the shipped default
+    log: str = "-"  # JSONL path, "-" = stdout
+    user: str | None = None  # drop to this user after the capture socket is open
+    dashboard: bool | None = None  # None = when stdout is a terminal and the log is a file
+    batch_size: int = 64
+    batch_delay_ms: float = 20.0
+    stats_interval: float = 10.0
+    idle_timeout: float = 120.0
+    active_timeout: float = 1800.0
+    max_flows: int = 262_144
+    top_k: int = 3
+    sensor: str | None = None  # None = this host's name
+    anonymize: bool = False
+    anonymize_key: str | None = None  # required with anonymize: the HMAC key for pseudonyms
+
+    @classmethod
+    def load(cls, path: Path | None, **overrides) -> RunConfig:
+        cfg = cls()
+        if path is not None:
+            try:
+                data = tomllib.loads(path.read_text())
+            except OSError as e:
+                raise ValueError(f"{path}: {e.strerror}") from None
+            except tomllib.TOMLDecodeError as e:
+                raise ValueError(f"{path}: not valid TOML ({e})") from None
+            known = {f.name for f in fields(cls)}
+            unknown = sorted(set(data) - known)
+            if unknown:
+                raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)}")
+            cfg = replace(cfg, **data)
+        return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+    def pipeline_settings(self, flows: FlowSettings) -> PipelineSettings:
+        if self.anonymize and not self.anonymize_key:
+            raise ValueError("anonymize needs anonymize_key in the config file")
+        header = EventHeader(
+            sensor=self.sensor or socket.gethostname(),
+            anonymize=Anonymizer(self.anonymize_key.encode()) if self.anonymize else None,
+        )
+        flows = replace(flows, idle_timeout=self.idle_timeout, active_timeout=self.active_timeout,
+                        max_flows=self.max_flows)
+        return PipelineSettings(flows=flows, batch_size=self.batch_size,
+                                batch_delay=self.batch_delay_ms / 1000, header=header,
+                                stats_interval=self.stats_interval)
+
+
+def serve(source: Source, classifier: Classifier | None, cfg: RunConfig,
+          settings: PipelineSettings, user: str | None = None) -> Pipeline:
+    """Run the pipeline to its end (source exhausted, or SIGINT/SIGTERM); returns it."""
+    from flagd.capture import drop_privileges
+
+    log = JsonlSink(cfg.log)
+    recent = RecentEvents()
+    notices: list[str] = []
+
+    def notice(msg: str) -> None:
+        notices.append(f"{time.strftime('%H:%M:%S')} {msg}")
+        print(f"flagd: {msg}", file=sys.stderr)
+
+    if hasattr(source, "notice"):
+        source.notice = notice
+    if user:
+        drop_privileges(user)  # the socket and the log are open: nothing else needs root
+    pipe = Pipeline(source, classifier, [log, recent], settings)
+    dashboard = cfg.dashboard if cfg.dashboard is not None else (sys.stdout.isatty() and cfg.log != "-")
+    old = _install_signals(pipe)
+    try:
+        if dashboard:
+            _with_dashboard(pipe, source, classifier, recent, notices)
+        else:
+            pipe.run()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        log.close()
+    return pipe
+
+
+def _install_signals(pipe: Pipeline) -> dict:
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def stop(signum, frame):
+        pipe.stop.set()
+
+    def hup(signum, frame):
+        pipe.reopen.set()
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGHUP, hup)
+    return old
+
+
+def _with_dashboard(pipe: Pipeline, source: Source, classifier, recent: RecentEvents,
+                    notices: list[str]) -> None:
+    from rich.live import Live
+
+    from flagd.dashboard import Snapshot, render
+
+    model = classifier.name if classifier else "none"
+    last = [0.0]
+
+    def snapshot() -> Snapshot:
+        return Snapshot(source.name, model, pipe.stats(), dict(recent.classes),
+                        list(recent.recent), list(notices))
+
+    with Live(render(snapshot()), refresh_per_second=4, screen=False) as live:
+        def tick(p: Pipeline) -> None:
+            if time.monotonic() - last[0] >= 0.5:
+                last[0] = time.monotonic()
+                live.update(render(snapshot()))
+
+        pipe.run(on_tick=tick)
+        live.update(render(snapshot()))
+

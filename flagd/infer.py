@@ -1,0 +1,160 @@
+"""A model bundle on disk, loaded and checked, that turns flows into predictions.
+
+A bundle is a directory: `model.pt` (the fine-tuned checkpoint dict), `phrases.json` (its phrase
+dictionary), `bundle.json` (how flows must be built for it: K, B, relevance rules, masks, the
+maximum sequence length; and the SHA-256 of every file), plus `metrics.json` and a model card.
+Loading verifies every hash before anything is parsed, reads the checkpoint with
+`weights_only=True` (no pickled code), and refuses a dictionary the model was not trained with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flagd.events import Prediction
+from flagd.flows import Flow, FlowSettings
+from flagd.model import load_checkpoint, predict_logits, prepare_for_inference
+from flagd.phrases import PhraseDict, PhraseDictError
+from flagd.preprocess import Preprocessing
+
+FORMAT = "flagd-model"
+VERSION = 1
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "iscx-vpn2016"
+
+
+class BundleError(ValueError):
+    """A model bundle that cannot be used, with a one-line reason naming the file."""
+
+
+def pick_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def default_model() -> Path:
+    return Path(os.environ.get("FLAGD_MODEL", DEFAULT_MODEL))
+
+
+def save_bundle(out: Path, checkpoint: dict, phrases: PhraseDict, settings: FlowSettings,
+                max_len: int, metrics: dict | None = None, card: str | None = None) -> Path:
+    """Write a bundle directory; the manifest hashes every file written."""
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, out / "model.pt")
+    phrases.save(out / "phrases.json")
+    files = ["model.pt", "phrases.json"]
+    if metrics is not None:
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        files.append("metrics.json")
+    if card is not None:
+        (out / "README.md").write_text(card)
+        files.append("README.md")
+    manifest = {
+        "format": FORMAT, "version": VERSION, "name": out.name,
+        "labels": checkpoint["labels"], "max_len": max_len,
+        "ready_packets": settings.ready_packets,
+        "preprocessing": settings.preprocessing.to_dict(),
+        "files": {f: sha256_file(out / f) for f in files},
+    }
+    (out / "bundle.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
+
+
+@dataclass
+class Bundle:
+    name: str
+    model: torch.nn.Module
+    phrases: PhraseDict
+    labels: list[str]
+    max_len: int
+    settings: FlowSettings  # how flows must be built for this model
+    device: str
+    top_k: int = 3
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | None = None, quantize: bool = True,
+             top_k: int = 3) -> Bundle:
+        path = Path(path)
+        manifest_path = path / "bundle.json"
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except FileNotFoundError:
+            raise BundleError(f"{path}: not a model bundle (no bundle.json)") from None
+        except (OSError, ValueError) as e:
+            raise BundleError(f"{manifest_path}: unreadable ({getattr(e, 'strerror', None) or e})") from None
+        if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+            raise BundleError(f"{manifest_path}: not a {FORMAT} v{VERSION} manifest")
+        for name, digest in manifest["files"].items():
+            f = path / name
+            try:
+                actual = sha256_file(f)
+            except OSError as e:
+                raise BundleError(f"{f}: unreadable ({e.strerror})") from None
+            if actual != digest:
+                raise BundleError(f"{f}: SHA-256 does not match the manifest (tampered or truncated)")
+        try:
+            phrases = PhraseDict.load(path / "phrases.json")
+        except PhraseDictError as e:
+            raise BundleError(str(e)) from None
+        device = device or pick_device()
+        try:
+            model, ckpt = load_checkpoint(path / "model.pt")
+        except Exception as e:  # weights_only refuses anything but tensors and plain types
+            raise BundleError(f"{path / 'model.pt'}: not a loadable checkpoint ({e})") from None
+        try:
+            phrases.check_sha256(ckpt["vocab_sha256"], f"model {path.name}")
+        except PhraseDictError as e:
+            raise BundleError(f"{path / 'phrases.json'}: {e}") from None
+        if device == "cpu":
+            model = prepare_for_inference(model, quantize=quantize)
+        else:
+            model = model.to(device).eval()
+        settings = FlowSettings(
+            ready_packets=manifest["ready_packets"],
+            preprocessing=Preprocessing.from_dict(manifest["preprocessing"]),
+        )
+        return cls(manifest.get("name", path.name), model, phrases, list(ckpt["labels"]),
+                   manifest["max_len"], settings, device, top_k)
+
+    def encode(self, flows: list[Flow]) -> np.ndarray:
+        return self.phrases.encode_flows([f.packets for f in flows], self.max_len)
+
+    def predict(self, ids: np.ndarray, packets_used: list[int]) -> list[Prediction]:
+        x = torch.from_numpy(ids.astype(np.int64)).to(self.device)
+        if self.device == "cuda":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = predict_logits(self.model, x)
+        else:
+            logits = predict_logits(self.model, x)
+        probs = torch.softmax(logits.float(), -1)
+        k = min(self.top_k, probs.size(1))
+        top_p, top_i = probs.topk(k, dim=-1)
+        top_p, top_i = top_p.tolist(), top_i.tolist()
+        labels = self.labels
+        out = []
+        for ps, idx, n in zip(top_p, top_i, packets_used, strict=True):
+            top = tuple((labels[i], p) for i, p in zip(idx, ps, strict=True))
+            out.append(Prediction(top[0][0], top[0][1], top, n, self.name))
+        return out
+
+    def predict_flows(self, flows: list[list[bytes]], batch: int = 512) -> np.ndarray:
+        """Class indices for flows given as packet-byte lists (evaluation)."""
+        preds = []
+        for i in range(0, len(flows), batch):
+            ids = self.phrases.encode_flows(flows[i:i + batch], self.max_len)
+            x = torch.from_numpy(ids.astype(np.int64)).to(self.device)
+            preds.append(predict_logits(self.model, x).argmax(-1).cpu().numpy())
+        return np.concatenate(preds) if preds else np.zeros(0, np.int64)
