@@ -34,11 +34,12 @@ class JsonlSink:
         self.failed = 0  # events lost to write errors (full disk, ...), counted
         self._warn = warn or (lambda msg: print(f"flagd: {msg}", file=sys.stderr))
         self._last_error: int | None = None
+        self._stdout = self.path == "-"  # written through sys.stdout, which may not be a real file
         self._fd = self._open()
 
     def _open(self) -> int:
-        if self.path == "-":
-            return sys.stdout.fileno()
+        if self._stdout:
+            return -1
         try:
             return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, self.MODE)
         except OSError as e:
@@ -47,12 +48,16 @@ class JsonlSink:
     def write(self, event: dict) -> None:
         line = (json.dumps(event, separators=(",", ":")) + "\n").encode()
         try:
+            if self._stdout:
+                sys.stdout.buffer.write(line)
+                sys.stdout.flush()
+                self.written += 1
+                return
             n = os.write(self._fd, line)
             if n != len(line):
                 # A short write means the disk filled mid-line: cut the file back so it holds
                 # only whole lines, and count the event as lost.
-                if self.path != "-":
-                    os.ftruncate(self._fd, os.lseek(self._fd, 0, os.SEEK_END) - n)
+                os.ftruncate(self._fd, os.lseek(self._fd, 0, os.SEEK_END) - n)
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             self.written += 1
             self._last_error = None
@@ -63,7 +68,7 @@ class JsonlSink:
                 self._warn(f"cannot write to {self.path}: {e.strerror}; events are being counted and dropped")
 
     def reopen(self) -> None:
-        if self.path == "-":
+        if self._stdout:
             return
         old = self._fd
         try:
@@ -74,8 +79,9 @@ class JsonlSink:
         os.close(old)
 
     def close(self) -> None:
-        if self.path != "-":
+        if self._fd >= 0:
             os.close(self._fd)
+            self._fd = -1
 
 
 class RecentEvents:

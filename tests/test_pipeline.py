@@ -1,0 +1,153 @@
+"""The whole pipeline on capture files: events, schema, counts, classification once per flow."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import jsonschema
+import pytest
+from scapy.layers.inet import IP, TCP, UDP
+from typer.testing import CliRunner
+
+from flagd.cli import app
+from flagd.events import schema
+from flagd.frames import LINKTYPE_ETHERNET
+from tests import crafted
+
+runner = CliRunner()
+C, S = "198.51.100.10", "203.0.113.20"
+
+
+def conversation(n_flows: int, packets: int, t0: float = 1_700_000_000.0, seed: int = 0):
+    """n_flows TLS-looking TCP conversations (handshake, data both ways, FIN) and one DNS flow."""
+    rng = random.Random(seed)
+    recs = []
+    t = t0
+    for i in range(n_flows):
+        sport = 30000 + i
+
+        def add(pkt, dt=0.001):
+            nonlocal t
+            t += dt
+            recs.append(crafted.Record(t, crafted.ether(pkt)))
+
+        add(IP(src=C, dst=S) / TCP(sport=sport, dport=443, flags="S"))
+        add(IP(src=S, dst=C) / TCP(sport=443, dport=sport, flags="SA"))
+        add(IP(src=C, dst=S) / TCP(sport=sport, dport=443, flags="A"))
+        for k in range(packets):
+            fwd = k % 2 == 0
+            body = b"\x17\x03\x03" + bytes(rng.randrange(256) for _ in range(40))
+            if fwd:
+                add(IP(src=C, dst=S) / TCP(sport=sport, dport=443, flags="PA") / body)
+            else:
+                add(IP(src=S, dst=C) / TCP(sport=443, dport=sport, flags="PA") / body)
+        add(IP(src=C, dst=S) / TCP(sport=sport, dport=443, flags="FA"))
+        add(IP(src=S, dst=C) / TCP(sport=443, dport=sport, flags="FA"))
+        add(IP(src=C, dst=S) / TCP(sport=sport, dport=443, flags="A"))
+    recs.append(crafted.Record(t + 0.01, crafted.ether(IP(src=C, dst=S) / UDP(sport=5000, dport=53) / b"query")))
+    return recs
+
+
+def events_of(path):
+    lines = path.read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+@pytest.fixture
+def capture(tmp_path):
+    return crafted.write_pcap(tmp_path / "conv.pcap", conversation(20, 6), LINKTYPE_ETHERNET)
+
+
+def test_replay_without_model_writes_one_flow_event_per_flow(capture, tmp_path):
+    log = tmp_path / "events.jsonl"
+    r = runner.invoke(app, ["replay", str(capture), "--no-model", "--log", str(log)])
+    assert r.exit_code == 0, r.output
+    evs = events_of(log)
+    validator = jsonschema.Draft202012Validator(schema())
+    for ev in evs:
+        validator.validate(ev)
+    flows = [e for e in evs if e["event_type"] == "flow"]
+    assert len(flows) == 21
+    tls = [e for e in flows if e["dest_port"] == 443]
+    assert all(e["flow"]["pkts_toserver"] == 7 and e["flow"]["pkts_toclient"] == 5 for e in tls)
+    assert all(e["src_ip"] == C and e["flow"]["state"] == "closed" for e in tls)
+    (dns,) = [e for e in flows if e["dest_port"] == 53]
+    assert dns["flag"]["dropped_by"] == "dns"
+    assert evs[-1]["event_type"] == "stats" and evs[-1]["stats"]["final"] is True
+    assert evs[-1]["stats"]["packets"] == 20 * 12 + 1
+
+
+def test_replay_classifies_every_flow_exactly_once(capture, tmp_path, tiny_bundle):
+    log = tmp_path / "events.jsonl"
+    r = runner.invoke(app, ["replay", str(capture), "--model", str(tiny_bundle), "--log", str(log)])
+    assert r.exit_code == 0, r.output
+    evs = events_of(log)
+    validator = jsonschema.Draft202012Validator(schema())
+    for ev in evs:
+        validator.validate(ev)
+    cls = [e for e in evs if e["event_type"] == "classification"]
+    flows = {e["flow_id"]: e for e in evs if e["event_type"] == "flow"}
+    assert len(cls) == 20 and len({e["flow_id"] for e in cls}) == 20
+    for c in cls:
+        f = flows[c["flow_id"]]
+        assert f["flag"]["label"] == c["flag"]["label"]  # the flow event repeats the label
+        assert c["flag"]["packets_used"] == 3  # K of the bundle
+        assert c["flag"]["model"] == "tiny"
+        assert abs(sum(t["confidence"] for t in c["flag"]["top_k"]) - 1) < 0.01
+        assert (c["src_ip"], c["dest_ip"], c["dest_port"]) == (C, S, 443)
+    # a flow's classification comes before its end
+    order = [(e["event_type"], e.get("flow_id")) for e in evs]
+    for c in cls:
+        assert order.index(("classification", c["flow_id"])) < order.index(("flow", c["flow_id"]))
+
+
+def test_short_flows_are_classified_at_their_end(tmp_path, tiny_bundle):
+    cap = crafted.write_pcap(tmp_path / "short.pcap", conversation(5, 2), LINKTYPE_ETHERNET)
+    log = tmp_path / "events.jsonl"
+    r = runner.invoke(app, ["replay", str(cap), "--model", str(tiny_bundle), "--log", str(log)])
+    assert r.exit_code == 0, r.output
+    cls = [e for e in events_of(log) if e["event_type"] == "classification"]
+    assert len(cls) == 5 and all(c["flag"]["packets_used"] == 2 for c in cls)
+
+
+def test_replay_is_deterministic(capture, tmp_path, tiny_bundle):
+    runs = []
+    for i in range(2):
+        log = tmp_path / f"e{i}.jsonl"
+        runner.invoke(app, ["replay", str(capture), "--model", str(tiny_bundle), "--log", str(log)])
+        runs.append([e for e in events_of(log) if e["event_type"] != "stats"])
+    key = lambda e: (e["event_type"], e["flow_id"])  # noqa: E731
+    assert sorted(runs[0], key=key) == sorted(runs[1], key=key)
+
+
+def test_unreadable_and_malformed_files_give_one_line_errors(tmp_path):
+    bad = tmp_path / "bad.pcap"
+    bad.write_bytes(b"this is not a capture at all")
+    r = runner.invoke(app, ["replay", str(bad), "--no-model", "--log", str(tmp_path / "x")])
+    assert r.exit_code == 1
+    assert "bad.pcap" in r.output and "not a pcap" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["replay", str(tmp_path / "missing.pcap"), "--no-model"])
+    assert r.exit_code == 1 and "missing.pcap" in r.output
+
+
+def test_truncated_file_keeps_what_was_read_and_warns(capture, tmp_path):
+    cut = tmp_path / "cut.pcap"
+    cut.write_bytes(capture.read_bytes()[:-30])
+    log = tmp_path / "events.jsonl"
+    r = runner.invoke(app, ["replay", str(cut), "--no-model", "--log", str(log)])
+    assert r.exit_code == 0
+    assert "warning" in r.output and "cut.pcap" in r.output
+    assert sum(e["event_type"] == "flow" for e in events_of(log)) >= 20
+
+
+def test_unreadable_model_directory(capture, tmp_path):
+    r = runner.invoke(app, ["replay", str(capture), "--model", str(tmp_path / "nope")])
+    assert r.exit_code == 1 and "not a model bundle" in r.output
+
+
+def test_stdout_log(capture):
+    r = runner.invoke(app, ["replay", str(capture), "--no-model", "--log", "-"])
+    assert r.exit_code == 0
+    lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+    assert sum(e["event_type"] == "flow" for e in lines) == 21
