@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from flagd.packets import Packets, Skip
-from flagd.preprocess import TCP, Preprocessing, RuleTable, model_bytes
+from flagd.preprocess import Preprocessing, RuleTable, model_bytes
 
 FIN, SYN, RST, ACK = 0x01, 0x02, 0x04, 0x10
 
@@ -164,77 +164,70 @@ class FlowTable:
 
     def _account(self, p: Packets, rows: np.ndarray, keys: list[bytes], src_high: list[bool],
                  codes: list[int], wirelen: list[int]) -> None:
+        # The one per-packet Python loop of the hot path: locals only, one dict lookup, and the
+        # rare cases (new flow, expiry, FIN/RST, first K packets) behind cheap tests.
         s = self.settings
         idle, active, closed_to, k_ready = s.idle_timeout, s.active_timeout, s.closed_timeout, s.ready_packets
-        pre = s.preprocessing
-        flows = self.flows
+        flows, get, touch = self.flows, self.flows.get, self.flows.move_to_end
         names = self.rules.names
-        ts = p.ts[rows].tolist()
-        flags = p.tcp_flags[rows].tolist()
-        proto = p.proto[rows].tolist()
         now = self.now
-        for j, key in enumerate(keys):
-            t = ts[j]
+        columns = zip(range(len(keys)), keys, p.ts[rows].tolist(), src_high,
+                      p.tcp_flags[rows].tolist(), codes, wirelen, strict=True)
+        for j, key, t, high, fl, code, size in columns:
             if t > now:
                 now = t
-            f = flows.get(key)
+            f = get(key)
             if f is not None:
-                reason = None
-                if t - f.last > idle:
-                    reason = Expiry.IDLE
-                elif t - f.start > active:
-                    reason = Expiry.ACTIVE
-                elif f.closed_at is not None and (
-                    t - f.last > closed_to or (flags[j] & (SYN | ACK)) == SYN
-                ):
-                    reason = Expiry.END
-                if reason is None:
-                    flows.move_to_end(key)
-                else:
-                    self._end(f, reason)
+                if (t - f.last > idle or t - f.start > active
+                        or f.closed_at is not None and (t - f.last > closed_to or (fl & (SYN | ACK)) == SYN)):
+                    self._end(f, Expiry.IDLE if t - f.last > idle else
+                              Expiry.ACTIVE if t - f.start > active else Expiry.END)
                     f = None
+                else:
+                    touch(key)
             if f is None:
                 if len(flows) >= s.max_flows:
                     self._end(next(iter(flows.values())), Expiry.LIMIT)
-                f = self._new(p, rows[j], key, src_high[j], t)
+                f = self._new(p, int(rows[j]), key, high, t)
             f.last = t
-            if src_high[j] == f.client_is_high:
+            if high == f.client_is_high:
                 f.pkts_toserver += 1
-                f.bytes_toserver += wirelen[j]
-                to_server = True
+                f.bytes_toserver += size
             else:
                 f.pkts_toclient += 1
-                f.bytes_toclient += wirelen[j]
-                to_server = False
-            if proto[j] == TCP:
-                fl = flags[j]
-                if fl & (FIN | RST) and f.closed_at is None:
-                    if fl & RST:
-                        f.closed_at = t
-                    elif to_server:
-                        f.fin_toserver = True
-                    else:
-                        f.fin_toclient = True
-                    if f.fin_toserver and f.fin_toclient:
-                        f.closed_at = t
-                    if f.closed_at is not None:
-                        self.closing.append(f)
-            code = codes[j]
+                f.bytes_toclient += size
+            if fl & (FIN | RST) and f.closed_at is None:  # TCP only: UDP rows have no flags
+                self._closing(f, fl, high == f.client_is_high, t)
             if code:
                 if f.drop_rule is None:
                     f.drop_rule = names[code - 1]
             else:
                 if f.relevant < k_ready:
-                    i = int(rows[j])
-                    f.packets.append(model_bytes(
-                        p.frames.data, int(p.ip_off[i]), int(p.ip_caplen[i]), int(p.l4_off[i]),
-                        int(p.l4_hdr_len[i]), int(p.version[i]), proto[j], pre))
-                    if len(f.packets) == k_ready:
-                        f.ready = True
-                        self.stats.ready += 1
-                        self._out.append((READY, f))
+                    self._keep(f, p, int(rows[j]))
                 f.relevant += 1
         self.now = now
+
+    def _closing(self, f: Flow, flags: int, to_server: bool, t: float) -> None:
+        if flags & RST:
+            f.closed_at = t
+        elif to_server:
+            f.fin_toserver = True
+        else:
+            f.fin_toclient = True
+        if f.fin_toserver and f.fin_toclient:
+            f.closed_at = t
+        if f.closed_at is not None:
+            self.closing.append(f)
+
+    def _keep(self, f: Flow, p: Packets, i: int) -> None:
+        """Keep packet i's model bytes as one of the flow's first K; hand the flow on at K."""
+        f.packets.append(model_bytes(
+            p.frames.data, int(p.ip_off[i]), int(p.ip_caplen[i]), int(p.l4_off[i]),
+            int(p.l4_hdr_len[i]), int(p.version[i]), int(p.proto[i]), self.settings.preprocessing))
+        if len(f.packets) == self.settings.ready_packets:
+            f.ready = True
+            self.stats.ready += 1
+            self._out.append((READY, f))
 
     def _new(self, p: Packets, i: int, key: bytes, src_high: bool, t: float) -> Flow:
         self.stats.flows += 1
