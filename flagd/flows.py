@@ -280,7 +280,7 @@ class FlowTable:
     def flush(self, reason: Expiry = Expiry.SHUTDOWN) -> list[FlowUpdate]:
         """End every open flow (end of a capture, or shutdown)."""
         for f in list(self.flows.values()):
-            self._end(f, reason)
+            self._end(f, Expiry.END if f.closed_at is not None else reason)
         self.closing.clear()
         return self._drain()
 
