@@ -13,7 +13,7 @@ byte order). A flow is `[CLS] enc(p1) [SEP] enc(p2) [SEP] ... enc(pk) [EOS]`.
 The encoder is vectorised over a whole batch of packets: lookup tables give the longest phrase
 at every byte position, then the greedy walks (next = pos + len) of all packets advance together,
 one numpy step per phrase, with pointer doubling for long packets. Tables stay small (about
-1.5 MB at m = 8192): see `PhraseDict.__init__`. `encode_reference` is Algorithm 1 in plain
+4 MB at m = 8192): see `PhraseDict.__init__`. `encode_reference` is Algorithm 1 in plain
 Python, the specification the fast path is tested against.
 """
 
@@ -88,7 +88,10 @@ def _canonical(phrases: Sequence[bytes]) -> bytes:
 
 
 class PhraseDict:
-    """The 256 single bytes plus 2-/3-byte phrases, with fast greedy encoding and decoding."""
+    """The 256 single bytes plus 2-/3-byte phrases, with fast greedy encoding and decoding.
+
+    Immutable once built, so one instance can serve several threads.
+    """
 
     def __init__(self, phrases: Sequence[bytes] = (), meta: dict[str, Any] | None = None) -> None:
         """`phrases`: the 2- and 3-byte phrases in id order (the single bytes are implicit)."""
@@ -131,8 +134,8 @@ class PhraseDict:
         self._dec_len[NUM_SPECIAL:first] = 1
         self._dec_bytes[NUM_SPECIAL:first, 0] = np.arange(256)
         self._dec_len[first:] = lens
-        for i, p in enumerate(phrases):
-            self._dec_bytes[first + i, : len(p)] = tuple(p)
+        padded = b"".join(p.ljust(3, b"\0") for p in phrases)
+        self._dec_bytes[first:] = np.frombuffer(padded, np.uint8).reshape(-1, 3)
 
         # The plain-Python reference encoder's table (Algorithm 1 as written).
         self._ref_ids = {bytes([v]): NUM_SPECIAL + v for v in range(256)}
@@ -152,7 +155,7 @@ class PhraseDict:
         size: int,
         progress: Callable[[int], None] | None = None,
     ) -> PhraseDict:
-        """Count every 1/2/3-gram within each packet and keep the `size` most frequent phrases.
+        """Count every 2- and 3-gram within each packet and keep the `size` most frequent phrases.
 
         `size` (m) counts the 256 single bytes, which are always kept; the dictionary is smaller
         when the data holds fewer distinct 2/3-grams. Ties in count go to 2-phrases first, then
@@ -301,11 +304,13 @@ class PhraseDict:
         out = np.zeros((n_flows, max_len), np.int32)  # PAD == 0
         out[:, 0] = CLS
         flat = out.reshape(-1)
-        row_off = flow_of * max_len + start
-        tok_pkt = np.repeat(np.arange(len(kept)), n_tok)
-        rank = np.arange(ids.size) - tok_bounds[tok_pkt]
-        sel = rank < keep[tok_pkt]
-        flat[(row_off[tok_pkt] + rank)[sel]] = ids[sel]
+        row_off = flow_of * max_len + start  # where each packet's first phrase goes in `flat`
+        tok = np.arange(ids.size)
+        dest = tok + np.repeat(row_off - tok_bounds[:-1], n_tok)
+        if (keep < n_tok).any():  # drop the phrases cut off the end of packets
+            kept_tok = tok < np.repeat(tok_bounds[:-1] + keep, n_tok)
+            dest, ids = dest[kept_tok], ids[kept_tok]
+        flat[dest] = ids
         has_sep = sep.astype(bool)
         flat[row_off[has_sep] + keep[has_sep]] = SEP
         out[np.arange(n_flows), lengths - 1] = EOS
