@@ -95,9 +95,18 @@ class Bundle:
             raise BundleError(f"{path}: not a model bundle (no bundle.json)") from None
         except (OSError, ValueError) as e:
             raise BundleError(f"{manifest_path}: unreadable ({getattr(e, 'strerror', None) or e})") from None
-        if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
             raise BundleError(f"{manifest_path}: not a {FORMAT} v{VERSION} manifest")
-        for name, digest in manifest["files"].items():
+        files = manifest.get("files")
+        if not isinstance(files, dict):
+            raise BundleError(f"{manifest_path}: no 'files' table of SHA-256 digests")
+        # Every file loaded below must be covered, or dropping its entry would skip its check.
+        for name in ("model.pt", "phrases.json"):
+            if name not in files:
+                raise BundleError(f"{manifest_path}: the manifest has no SHA-256 for {name}")
+        for name, digest in files.items():
+            if Path(name).name != name or name in ("", ".", ".."):
+                raise BundleError(f"{manifest_path}: file name {name!r} is not inside the bundle")
             f = path / name
             try:
                 actual = sha256_file(f)
@@ -113,21 +122,26 @@ class Bundle:
         try:
             model, ckpt = load_checkpoint(path / "model.pt")
         except Exception as e:  # weights_only refuses anything but tensors and plain types
-            raise BundleError(f"{path / 'model.pt'}: not a loadable checkpoint ({e})") from None
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]  # torch's are paragraphs
+            raise BundleError(f"{path / 'model.pt'}: not a loadable checkpoint ({why})") from None
         try:
-            phrases.check_sha256(ckpt["vocab_sha256"], f"model {path.name}")
+            phrases.check_sha256(ckpt.get("vocab_sha256", ""), f"model {path.name}")
         except PhraseDictError as e:
             raise BundleError(f"{path / 'phrases.json'}: {e}") from None
         if device == "cpu":
             model = prepare_for_inference(model, quantize=quantize)
         else:
             model = model.to(device).eval()
-        settings = FlowSettings(
-            ready_packets=manifest["ready_packets"],
-            preprocessing=Preprocessing.from_dict(manifest["preprocessing"]),
-        )
-        return cls(manifest.get("name", path.name), model, phrases, list(ckpt["labels"]),
-                   manifest["max_len"], settings, device, top_k)
+        try:
+            settings = FlowSettings(
+                ready_packets=int(manifest["ready_packets"]),
+                preprocessing=Preprocessing.from_dict(manifest["preprocessing"]),
+            )
+            max_len, labels = int(manifest["max_len"]), list(ckpt["labels"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise BundleError(f"{manifest_path}: bad or missing entry ({type(e).__name__}: {e})") from None
+        return cls(manifest.get("name", path.name), model, phrases, labels, max_len, settings,
+                   device, top_k)
 
     def encode(self, flows: list[Flow]) -> np.ndarray:
         return self.phrases.encode_flows([f.packets for f in flows], self.max_len)

@@ -1,0 +1,209 @@
+"""Flood traffic for the robustness tests and benchmarks: millions of distinct flows, fast.
+
+Every record is one 70-byte Ethernet/IPv4 frame built with numpy over the whole capture at once
+(a 2,000,000-flow pcap takes a second or two; scapy would take an hour). Frames shorter than 70
+bytes carry zero padding after the IP datagram, as Ethernet pads short frames, so the IP total
+length still says what the transport holds.
+
+Kinds of flood:
+- ``syn``: one SYN per flow from a distinct spoofed source to one server port (every flow is
+  removed by the ``tcp-no-payload`` relevance rule, so the flood costs the flow table only).
+- ``random``: one packet per flow with a random 5-tuple, TCP or UDP, 16 bytes of payload (every
+  flow has a relevant packet, so every flow reaches the classifier when it ends).
+
+"Real" flows are mixed in: `real_flows` TCP conversations to 203.0.113.80:443, each `real_packets`
+packets with payload, alternating direction, their packets close together in the capture so
+that LRU eviction by the flood does not reach them. Their client address is 192.0.2.x (TEST-NET-1)
+so tests can pick them out of the events.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FRAME = 70  # bytes captured per record: Ethernet 14 + IPv4 20 + TCP 20 + 16 payload
+PAYLOAD = 16
+T0 = 1_700_000_000.0
+SYN_SERVER = (203, 0, 113, 10)
+REAL_SERVER = (203, 0, 113, 80)
+REAL_CLIENT_NET = (192, 0, 2)  # real flow i's client is 192.0.2.(i % 250 + 1), port 20000 + i
+
+_REC = np.dtype(
+    [("sec", "<u4"), ("usec", "<u4"), ("caplen", "<u4"), ("len", "<u4"), ("frame", "u1", FRAME)]
+)
+_ETHER = bytes.fromhex("020000000002" "020000000001" "0800")
+
+
+@dataclass(frozen=True)
+class FloodFile:
+    path: Path
+    kind: str
+    flood_flows: int
+    real_flows: int
+    packets: int
+
+
+def _frames(n: int) -> np.ndarray:
+    """n records holding an Ethernet + IPv4 header template (addresses and ports zero)."""
+    rec = np.zeros(n, _REC)
+    rec["caplen"] = FRAME
+    rec["len"] = FRAME
+    f = rec["frame"]
+    f[:, :14] = np.frombuffer(_ETHER, np.uint8)
+    f[:, 14] = 0x45
+    f[:, 22] = 64  # TTL
+    return rec
+
+
+def _put_u16(f: np.ndarray, at: int, v: np.ndarray) -> None:
+    f[:, at] = (v >> 8) & 0xFF
+    f[:, at + 1] = v & 0xFF
+
+
+def _put_ip(f: np.ndarray, at: int, v: np.ndarray) -> None:
+    for k in range(4):
+        f[:, at + k] = (v >> (24 - 8 * k)) & 0xFF
+
+
+def _set_l4(f: np.ndarray, proto: np.ndarray, flags: np.ndarray, payload: np.ndarray) -> None:
+    """Protocol, IP total length, TCP data offset and flags / UDP length."""
+    tcp = np.flatnonzero(proto == 6)
+    udp = np.flatnonzero(proto != 6)
+    f[:, 23] = proto
+    _put_u16(f, 16, np.where(proto == 6, 40, 28) + payload)
+    f[tcp, 46] = 0x50  # data offset: 5 words
+    f[tcp, 47] = flags[tcp]
+    ulen = 8 + payload[udp]
+    f[udp, 38] = (ulen >> 8) & 0xFF
+    f[udp, 39] = ulen & 0xFF
+
+
+def flood_records(kind: str, n_flows: int, seed: int = 0) -> np.ndarray:
+    """One record per flood flow, in arrival order (timestamps are set by `write_flood`)."""
+    rng = np.random.default_rng(seed)
+    rec = _frames(n_flows)
+    f = rec["frame"]
+    i = np.arange(n_flows, dtype=np.int64)
+    # Distinct flows by construction: flow i's source is 10.0.0.0 + i (16M before it wraps).
+    src = (10 << 24) + (i % (1 << 24))
+    sport = 1024 + (i * 7919) % 64000
+    if kind == "syn":
+        proto = np.full(n_flows, 6, np.int64)
+        flags = np.full(n_flows, 0x02, np.int64)
+        payload = np.zeros(n_flows, np.int64)
+        dst = np.full(n_flows, int.from_bytes(bytes(SYN_SERVER), "big"), np.int64)
+        dport = np.full(n_flows, 443, np.int64)
+    elif kind == "random":
+        proto = np.where(rng.random(n_flows) < 0.5, 6, 17)
+        flags = np.full(n_flows, 0x18, np.int64)  # PSH ACK
+        payload = np.full(n_flows, PAYLOAD, np.int64)
+        dst = rng.integers(0x0B000000, 0xDF000000, n_flows)  # 11.0.0.0 - 222.255.255.255
+        dport = rng.integers(1, 65536, n_flows)
+        sport = rng.integers(1024, 65536, n_flows)
+        src = src + (rng.integers(0, 64, n_flows) << 24)  # 10-73.x.x.x, still distinct
+    else:
+        raise ValueError(f"unknown flood kind {kind!r}")
+    _put_ip(f, 26, src)
+    _put_ip(f, 30, dst)
+    _put_u16(f, 34, sport)
+    _put_u16(f, 36, dport)
+    _set_l4(f, proto, flags, payload)
+    return rec
+
+
+def real_records(n_flows: int, packets: int) -> np.ndarray:
+    """`packets` records per real flow (flow-major), TCP PSH/ACK with payload, both directions."""
+    n = n_flows * packets
+    rec = _frames(n)
+    f = rec["frame"]
+    flow = np.repeat(np.arange(n_flows, dtype=np.int64), packets)
+    k = np.tile(np.arange(packets, dtype=np.int64), n_flows)
+    client = int.from_bytes(bytes((*REAL_CLIENT_NET, 0)), "big") + flow % 250 + 1
+    server = int.from_bytes(bytes(REAL_SERVER), "big")
+    cport = 20000 + flow
+    to_server = k % 2 == 0
+    _put_ip(f, 26, np.where(to_server, client, server))
+    _put_ip(f, 30, np.where(to_server, server, client))
+    _put_u16(f, 34, np.where(to_server, cport, 443))
+    _put_u16(f, 36, np.where(to_server, 443, cport))
+    # A TLS-record-looking payload so the phrases are not all zero
+    f[:, 54:57] = (0x17, 0x03, 0x03)
+    f[:, 57] = flow % 256
+    _set_l4(f, np.full(n, 6, np.int64), np.full(n, 0x18, np.int64), np.full(n, PAYLOAD, np.int64))
+    return rec
+
+
+def mix(flood: np.ndarray, real: np.ndarray, n_real: int, gap: int = 16) -> np.ndarray:
+    """The flood with each real flow's packets `gap` records apart, real flows spread evenly."""
+    n = len(flood) + len(real)
+    out = np.empty(n, _REC)
+    if not n_real:
+        out[:] = flood
+        return out
+    per = len(real) // n_real
+    span = (per - 1) * gap + 1
+    if n // n_real <= span:
+        raise ValueError("too many real flows for this flood: their packets would interleave")
+    starts = np.arange(n_real, dtype=np.int64) * (n // n_real)
+    pos = (starts[:, None] + np.arange(per) * gap).ravel()  # flow-major, increasing
+    is_real = np.zeros(n, bool)
+    is_real[pos] = True
+    out[pos] = real
+    out[~is_real] = flood
+    return out
+
+
+def write_flood(
+    path: Path,
+    kind: str,
+    n_flows: int,
+    real_flows: int = 0,
+    real_packets: int = 6,
+    pps: float = 1_000_000.0,
+    seed: int = 0,
+) -> FloodFile:
+    """Write a pcap of `n_flows` flood flows with `real_flows` real conversations mixed in."""
+    rec = mix(flood_records(kind, n_flows, seed), real_records(real_flows, real_packets), real_flows)
+    ts = T0 + np.arange(len(rec)) / pps
+    rec["sec"] = ts.astype(np.int64)
+    rec["usec"] = np.round((ts - np.floor(ts)) * 1e6).clip(0, 999_999).astype(np.int64)
+    header = struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1)
+    with open(path, "wb") as fh:
+        fh.write(header)
+        fh.write(rec.tobytes())
+    return FloodFile(Path(path), kind, n_flows, real_flows, len(rec))
+
+
+def real_key(i: int) -> tuple[str, int, str, int]:
+    """(src_ip, src_port, dest_ip, dest_port) of real flow i as events name it."""
+    return (f"{REAL_CLIENT_NET[0]}.{REAL_CLIENT_NET[1]}.{REAL_CLIENT_NET[2]}.{i % 250 + 1}",
+            20000 + i, ".".join(map(str, REAL_SERVER)), 443)
+
+
+def peak_rss_of(pid: int) -> tuple[int, int]:
+    """Wait for child `pid`; return (exit status, peak resident set in bytes) of that child only."""
+    _, status, usage = os.wait4(pid, 0)
+    return os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024
+
+
+def tiny_bundle(out: Path, ready_packets: int = 3) -> Path:
+    """A bundle with a tiny untrained encoder (as tests/conftest.py's fixture): real inference."""
+    import torch
+
+    from flagd.flows import FlowSettings
+    from flagd.infer import save_bundle
+    from flagd.model import FlagEncoder, ModelConfig, make_checkpoint
+    from flagd.phrases import PhraseDict
+
+    torch.manual_seed(0)
+    phrases = PhraseDict.fit([bytes(range(256)) * 4, b"\x16\x03\x01" * 50, b"\x00" * 300], 512)
+    cfg = ModelConfig.preset("tiny", vocab_size=phrases.vocab_size, max_len=64, n_classes=3)
+    ckpt = make_checkpoint(FlagEncoder(cfg), cfg, vocab_sha256=phrases.sha256,
+                           labels=["chat", "streaming", "voip"], step=0, metrics={})
+    return save_bundle(out, ckpt, phrases, FlowSettings(ready_packets=ready_packets), max_len=64,
+                       metrics={"note": "untrained"})
