@@ -192,9 +192,8 @@ def _progress():
 
 
 def _datasets(data: list[Path]):
-    """Flows from built datasets (.npz) or capture trees (labelled by directory)."""
+    """Flows from built datasets (.npz) or capture trees (unlabelled: for vocab and pretrain)."""
     from flagd.dataset import Dataset, DatasetError, build
-    from flagd.labels import labeller
 
     out = []
     trees = [d for d in data if d.suffix != ".npz"]
@@ -203,7 +202,7 @@ def _datasets(data: list[Path]):
     except DatasetError as e:
         raise fail(str(e)) from None
     if trees:
-        out.append(build(trees, label=labeller("dir")))
+        out.append(build(trees))
     return out
 
 
