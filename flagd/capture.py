@@ -47,6 +47,12 @@ PACKET_STATISTICS = 6
 PACKET_AUXDATA = 8
 PACKET_VERSION = 10
 PACKET_IGNORE_OUTGOING = 23
+PACKET_FANOUT = 18
+# Fanout by the kernel's flow hash, which is symmetric (__skb_get_hash_symmetric): both
+# directions of a flow land in the same socket, so each process can own whole flows. DEFRAG
+# reassembles IP fragments first so that every fragment hashes like the flow it belongs to.
+PACKET_FANOUT_HASH = 0
+PACKET_FANOUT_FLAG_DEFRAG = 0x8000
 TPACKET_V3 = 2
 TP_STATUS_KERNEL = 0
 TP_STATUS_USER = 1
@@ -468,12 +474,15 @@ def open_capture(
     block_count: int = 32,
     snaplen: int = FULL_SNAPLEN,
     block_timeout_ms: int = 10,
+    fanout: int | None = None,
 ) -> LiveCapture:
     """Open `iface` for capture.
 
     block_size * block_count is the ring (or, without the ring, the socket buffer): 32 MiB holds
     about 200,000 minimal frames, a fifth of a second at 1 Mpps. A block is handed over when full
     or `block_timeout_ms` after its first packet, which bounds the latency at low rates.
+    fanout: join this PACKET_FANOUT group id (0-65535) in hash mode; every socket of the group
+    on the interface gets a share of the flows, each flow whole.
     """
     if block_size % mmap.PAGESIZE or block_size < _FRAME_SIZE or block_count < 1:
         raise CaptureError(f"block_size must be a multiple of {mmap.PAGESIZE} and block_count >= 1")
@@ -525,6 +534,9 @@ def open_capture(
             mreq = struct.pack("iHH8s", link.index, PACKET_MR_PROMISC, 0, b"")
             sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, mreq)
         sock.bind((iface, ETH_P_ALL))
+        if fanout is not None:
+            arg = (fanout & 0xFFFF) | ((PACKET_FANOUT_HASH | PACKET_FANOUT_FLAG_DEFRAG) << 16)
+            sock.setsockopt(SOL_PACKET, PACKET_FANOUT, struct.pack("I", arg))
     except CaptureError:
         if mm is not None:
             mm.close()

@@ -126,37 +126,37 @@ def run(
     batch_size: Annotated[int | None, typer.Option(help="Most flows per inference batch.")] = None,
     batch_delay_ms: Annotated[float | None, typer.Option(help="Longest wait for a batch to fill.")] = None,
     stats_interval: Annotated[float | None, typer.Option(help="Seconds between stats events.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Capture processes in one AF_PACKET fanout group (flows hashed symmetrically).")] = None,
 ) -> None:
     """Capture live traffic on an interface and classify every flow."""
+    import os
+
+    import torch
+
     from flagd.capture import CaptureError, open_capture
-    from flagd.daemon import RunConfig
+    from flagd.daemon import RunConfig, serve
+    from flagd.fanout import FanoutSource
+    from flagd.flows import FlowSettings
     from flagd.pipeline import LiveSource
 
     try:
         cfg = RunConfig.load(config, iface=iface, log=log, bpf=bpf, promisc=promisc, user=user,
-                             dashboard=dashboard, batch_size=batch_size,
+                             dashboard=dashboard, batch_size=batch_size, workers=workers,
                              batch_delay_ms=batch_delay_ms, stats_interval=stats_interval)
     except ValueError as e:
         raise fail(str(e)) from None
     if not cfg.iface:
         raise fail("no interface: give --iface NAME (or iface in the config file)", Exit.USAGE)
-    bundle_check = _load_model(model or cfg.model, no_model, cfg.top_k)  # fail before capturing
-    try:
-        capture = open_capture(cfg.iface, bpf=cfg.bpf, promisc=cfg.promisc)
-    except CaptureError as e:
-        raise fail(str(e)) from None
-    source = LiveSource(capture)
-    _serve_loaded(source, cfg, bundle_check, cfg.user)
-
-
-def _serve_loaded(source, cfg, bundle, user) -> None:
-    from flagd.capture import CaptureError
-    from flagd.daemon import serve
-    from flagd.flows import FlowSettings
-
+    bundle = _load_model(model or cfg.model, no_model, cfg.top_k)  # fail before capturing
     try:
         settings = cfg.pipeline_settings(bundle.settings if bundle else FlowSettings())
-        pipe = serve(source, bundle, cfg, settings, user=user)
+        if cfg.workers > 1:
+            source = FanoutSource(cfg.iface, cfg.workers, settings.flows, bpf=cfg.bpf,
+                                  promisc=cfg.promisc, user=cfg.user)
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) - cfg.workers))
+        else:
+            source = LiveSource(open_capture(cfg.iface, bpf=cfg.bpf, promisc=cfg.promisc))
+        pipe = serve(source, bundle, cfg, settings, user=cfg.user)
     except (OSError, ValueError, CaptureError) as e:
         raise fail(str(e)) from None
     if pipe.counters.capture_error:

@@ -32,6 +32,7 @@ class RunConfig:
     model: str | None = None  # model bundle directory; None = the shipped default
     log: str = "-"  # JSONL path, "-" = stdout
     user: str | None = None  # drop to this user after the capture socket is open
+    workers: int = 1  # capture processes in one AF_PACKET fanout group
     dashboard: bool | None = None  # None = when stdout is a terminal and the log is a file
     batch_size: int = 64
     batch_delay_ms: float = 20.0

@@ -56,7 +56,8 @@ class PipelineSettings:
     flows: FlowSettings = field(default_factory=FlowSettings)
     batch_size: int = 64  # N: most flows in one inference batch
     batch_delay: float = 0.02  # T: seconds a ready flow may wait for its batch to fill
-    flow_queue: int = 1024  # capture -> batcher, in packet batches' worth of flow updates
+    flow_queue: int = 1024  # capture -> batcher, in chunks of at most 64 flow updates
+    event_queue: int = 8192  # batcher/worker -> main thread (events to write), in events
     batch_queue: int = 32  # batcher -> worker, in batches
     stats_interval: float = 10.0  # seconds between stats events (0: only the final one)
     header: EventHeader = field(default_factory=EventHeader)
@@ -74,6 +75,7 @@ class Counters:
 
 
 _DONE = object()
+_CHUNK = 64  # most flow updates in one flow_q item
 _SHED = "shed"
 
 
@@ -91,7 +93,9 @@ class Pipeline:
         self.lossless = not source.live
         self.flow_q: queue.Queue = queue.Queue(self.s.flow_queue)
         self.batch_q: queue.Queue = queue.Queue(self.s.batch_queue)
-        self.event_q: queue.Queue = queue.Queue()  # fed by batcher and worker, drained by main
+        # Bounded too: when the sinks fall behind, a file source waits and a live one drops at
+        # flow_q (counted); unbounded, a flood of evictions grew it past 1.5 GiB.
+        self.event_q: queue.Queue = queue.Queue(self.s.event_queue)  # batcher, worker -> main
         self.latencies: deque[float] = deque(maxlen=10_000)  # seconds, ready -> event written
         self.started = time.monotonic()
         self._preds: dict[int, Prediction] = {}  # classified flows not yet ended
@@ -103,6 +107,15 @@ class Pipeline:
 
     # --- capture thread -------------------------------------------------------------------
     def _capture(self) -> None:
+        if hasattr(self.source, "flow_updates"):  # capture processes meter flows themselves
+            try:
+                for updates in self.source.flow_updates(self.stop):
+                    self._hand_on(updates)
+            except Exception as e:
+                self.counters.capture_error = f"{type(e).__name__}: {e}"
+            finally:
+                self.flow_q.put(_DONE)
+            return
         table, tick = self.table, self.s.tick_interval
         next_tick = time.monotonic() + tick
         try:
@@ -121,15 +134,16 @@ class Pipeline:
             self.flow_q.put(_DONE)
 
     def _hand_on(self, updates: list[FlowUpdate]) -> None:
-        if not updates:
-            return
-        if self.lossless:
-            self.flow_q.put(updates)
-            return
-        try:
-            self.flow_q.put_nowait(updates)
-        except queue.Full:
-            self.counters.capture_queue_drops += len(updates)
+        # In chunks, so flow_q is bounded in flows: one 65536-frame file batch can end 65536.
+        for i in range(0, len(updates), _CHUNK):
+            part = updates[i:i + _CHUNK]
+            if self.lossless:
+                self.flow_q.put(part)
+                continue
+            try:
+                self.flow_q.put_nowait(part)
+            except queue.Full:
+                self.counters.capture_queue_drops += len(part)
 
     # --- batcher thread -------------------------------------------------------------------
     def _batcher(self) -> None:
@@ -238,7 +252,8 @@ class Pipeline:
 
     def stats(self, final: bool = False) -> dict:
         now = time.monotonic()
-        fs = self.table.stats
+        fanout = hasattr(self.source, "flow_stats")
+        fs = self.source.flow_stats() if fanout else self.table.stats
         # Rates over the last ~10 s, whoever asks (stats events and the dashboard alike).
         samples = self._samples
         if not samples or now - samples[-1][0] >= 0.5:
@@ -254,11 +269,12 @@ class Pipeline:
             "packets_per_s": round((fs.packets - p_prev) / dt, 1),
             "flows": fs.flows,
             "flows_per_s": round((fs.flows - f_prev) / dt, 1),
-            "flows_open": len(self.table),
+            "flows_open": self.source.open_flows() if fanout else len(self.table),
             "classified": self.counters.classified,
             "drops": {
                 "kernel": self.source.kernel_drops(),
-                "capture_queue": self.counters.capture_queue_drops,
+                "capture_queue": self.counters.capture_queue_drops
+                + (self.source.queue_drops() if fanout else 0),
                 "flow_table_eviction": fs.evicted,
                 "batch_queue": self.counters.batch_queue_drops,
             },
@@ -271,6 +287,8 @@ class Pipeline:
             },
             "device": self.classifier.device if self.classifier else "none",
         }
+        if fanout:
+            st["drops"]["capture_process_loss"] = self.source.lost_flows
         if final:
             st["final"] = True
         return st
