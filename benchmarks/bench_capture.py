@@ -93,9 +93,15 @@ def trial(pair, mode: str, rate: float, seconds: float) -> dict:
     """One run at `rate`: capture in this process while the generator sends."""
     from flagd.capture import open_capture
 
-    decode = None
-    if mode == "ring+decode":
+    if mode.startswith("workers"):
+        return trial_workers(pair, int(mode.split("=")[1]), rate, seconds)
+    decode = table = None
+    if mode in ("ring+decode", "ring+flows"):
         from flagd.packets import decode
+    if mode == "ring+flows":
+        from flagd.flows import FlowTable
+
+        table = FlowTable()
     got = 0
     with open_capture(pair.a.ifname, ring=mode != "socket") as cap:
         gen = pair.popen(
@@ -109,7 +115,9 @@ def trial(pair, mode: str, rate: float, seconds: float) -> dict:
             frames = cap.read(0.05)
             got += len(frames)
             if decode is not None and len(frames):
-                decode(frames)
+                p = decode(frames)
+                if table is not None:
+                    table.add(p)
         busy_until = time.perf_counter()
         quiet = time.perf_counter()
         while time.perf_counter() - quiet < 0.2:  # blocks still in flight
@@ -129,6 +137,34 @@ def trial(pair, mode: str, rate: float, seconds: float) -> dict:
         "lossless": stats.dropped == 0 and got >= out["sent"],
         "wall": busy_until - t0,
     }
+
+
+def trial_workers(pair, n: int, rate: float, seconds: float) -> dict:
+    """One run with `n` capture processes in a fanout group, each decoding into its own flow
+    table (flagd run --workers n without inference); packets counted by the flow tables."""
+    import threading
+
+    from flagd.fanout import FanoutSource
+    from flagd.flows import FlowSettings
+
+    src = FanoutSource(pair.a.ifname, n, FlowSettings())
+    stop = threading.Event()
+    consumer = threading.Thread(target=lambda: [None for _ in src.flow_updates(stop)])
+    consumer.start()
+    gen = pair.popen(pair.b, [sys.executable, __file__, "--gen", pair.b.ifname, str(rate), str(seconds)],
+                     stdout=subprocess.PIPE, text=True)
+    t0 = time.perf_counter()
+    gen.wait()
+    busy_until = time.perf_counter()
+    time.sleep(0.3)
+    stop.set()
+    consumer.join()
+    got, dropped = src.flow_stats().packets, src.kernel_drops()
+    src.close()
+    out = json.loads(gen.stdout.read())
+    return {"mode": f"workers={n}", "target": rate, "sent_rate": out["sent"] / out["seconds"],
+            "sent": out["sent"], "got": got, "dropped": dropped,
+            "lossless": dropped == 0 and got >= out["sent"], "wall": busy_until - t0}
 
 
 def ramp(pair, mode: str, seconds: float, ceiling: float, start: float) -> tuple[float, bool]:
@@ -222,6 +258,8 @@ def main() -> None:
     p.add_argument(
         "--max-rate", type=float, default=0, help="stop ramps here (0: generator ceiling)"
     )
+    p.add_argument("--modes", help="comma-separated subset of: ring, ring+decode, ring+flows, "
+                   "workers=1, workers=2, socket")
     p.add_argument("--gen", nargs="+", metavar="IFACE RATE SECONDS [LIMIT]", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.gen:
@@ -239,9 +277,11 @@ def main() -> None:
         from flagd.packets import decode
 
         decode(Frames.empty())
-        modes.insert(1, "ring+decode")
+        modes[1:1] = ["ring+decode", "ring+flows", "workers=1", "workers=2"]
     except (ImportError, NotImplementedError):
         print("flagd.packets.decode not available yet: capture only")
+    if a.modes:
+        modes = a.modes.split(",")
     with veth_pair(root_end=True) as pair:
         ceiling = trial(pair, "ring", 0, a.seconds)["sent_rate"]
         print(f"generator ceiling while the ring capture reads: {ceiling:,.0f} frames/s")
@@ -249,13 +289,19 @@ def main() -> None:
         best, capped = {}, {}
         for mode in modes:
             best[mode], capped[mode] = ramp(pair, mode, a.seconds, top, a.start)
+        both = "ring" in modes and "socket" in modes
         cost = {
             mode: drain_cost(pair, mode, n) for mode, n in (("ring", 400_000), ("socket", 40_000))
-        }
+        } if both else {}
     print()
     for mode in modes:
         note = "  (generator-bound: a lower bound)" if capped[mode] else ""
         print(f"{mode:12s} highest lossless rate: {best[mode]:>10,.0f} packets/s{note}")
+    if "workers=1" in best and "workers=2" in best:
+        print(f"scaling workers=2 / workers=1 (lossless rate): "
+              f"{best['workers=2'] / max(best['workers=1'], 1):.2f}x on {os.cpu_count()} cores")
+    if not both:
+        return
     print(
         f"ratio ring / plain socket (lossless rate): {best['ring'] / max(best['socket'], 1):.2f}x"
     )
