@@ -92,6 +92,12 @@ def serve(source: Source, classifier: Classifier | None, cfg: RunConfig,
     if hasattr(source, "notice"):
         source.notice = notice
     if user:
+        # Everything imported later must be importable by `user`: the interpreter may live in
+        # a directory only root can read (e.g. under /root), so import it all now.
+        import numpy.ma  # noqa: F401  (numpy imports it lazily, e.g. for percentiles)
+        import rich.live  # noqa: F401
+
+        import flagd.dashboard  # noqa: F401
         drop_privileges(user)  # the socket and the log are open: nothing else needs root
     pipe = Pipeline(source, classifier, [log, recent], settings)
     dashboard = cfg.dashboard if cfg.dashboard is not None else (sys.stdout.isatty() and cfg.log != "-")

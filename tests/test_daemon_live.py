@@ -164,3 +164,25 @@ def test_without_cap_net_raw_names_the_capability(tmp_path, tiny_bundle):
                         "--model", str(tiny_bundle)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
     assert "CAP_NET_RAW" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_runs_as_an_unprivileged_user_after_opening_the_socket(tmp_path, tiny_bundle):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to change user")
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    log = tmp_path / "events.jsonl"
+    with veth_pair(root_end=True) as pair:
+        proc = start_daemon(pair.a.ifname, log, tiny_bundle, "--user", "nobody")
+        time.sleep(0.5)
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
+        caps = next(line for line in status.splitlines() if line.startswith("CapEff:")).split()[1]
+        flows = pair.run_tls(conns=3, msgs=2, size=100)
+        time.sleep(0.5)
+        stop_daemon(proc)
+    assert set(map(int, uids)) == {nobody.pw_uid}
+    assert int(caps, 16) == 0
+    cls = [e for e in read_events(log) if e["event_type"] == "classification"]
+    assert sorted(e["src_port"] for e in cls) == sorted(f.sport for f in flows)
