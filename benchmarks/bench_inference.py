@@ -1,0 +1,130 @@
+"""CPU inference throughput (flows/s) of the encoder's classifier at sequence length 128.
+
+For each preset, the daemon's path (prepare_for_inference: eval, frozen, dynamic int8 Linear
+layers; predict_logits: length-sorted, padding-trimmed batches; [CLS]-only last block) against
+the same weights in eager fp32 without any of it (full forward at every position, batches of
+256 padded to 128), measured alternately in the same process so that load from other
+processes hits both alike. Two inputs: every flow filling all 128 positions (the headline:
+nothing to trim) and a mix of lengths 16..128 (what padding-aware batching is for).
+
+    python benchmarks/bench_inference.py [--presets tiny,small,paper] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from flagd.model import FlagEncoder, ModelConfig, predict_logits, prepare_for_inference
+from flagd.phrases import CLS, EOS, NUM_SPECIAL, PAD, SEP
+
+T = 128
+DEFAULT_FLOWS = {"tiny": 4096, "small": 1024, "paper": 128}
+
+
+def machine() -> str:
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, load {os.getloadavg()[0]:.2f}"
+    )
+
+
+def make_flows(n: int, vocab_size: int, lengths: str, seed: int = 0) -> torch.Tensor:
+    """[CLS] phrases with a [SEP] every 40 (packets) [EOS], then PAD."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(NUM_SPECIAL, vocab_size, (n, T), generator=g)
+    ids[:, 40::40] = SEP
+    if lengths == "full":
+        L = torch.full((n,), T)
+    else:
+        L = torch.randint(16, T + 1, (n,), generator=g)
+    ids[torch.arange(T)[None, :] >= L[:, None]] = PAD
+    ids[:, 0] = CLS
+    ids[torch.arange(n), L - 1] = EOS
+    return ids
+
+
+def eager_fp32(model: FlagEncoder, ids: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """The baseline: plain forward at every position, padded batches, no quantisation."""
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(ids), batch_size):
+            h = model.encode(ids[i : i + batch_size])  # (B, T, C)
+            out.append(model.classifier(torch.tanh(model.pooler(h[:, 0]))))
+    return torch.cat(out)
+
+
+def timed(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+def bench(name: str, args: argparse.Namespace) -> None:
+    overrides = dict(kv.split("=", 1) for kv in args.set)
+    overrides = {k: type(getattr(ModelConfig, k, 0))(v) for k, v in overrides.items()}
+    cfg = ModelConfig.preset(name, vocab_size=args.vocab_size, n_classes=12, **overrides)
+    torch.manual_seed(0)
+    model = FlagEncoder(cfg).eval()
+    # the very same weights, prepared the daemon's way
+    fast = prepare_for_inference(copy.deepcopy(model), quantize=not args.no_quantize)
+    params = sum(p.numel() for p in model.parameters())
+    n = args.flows or DEFAULT_FLOWS[name]
+    print(
+        f"\n{name}: {cfg.n_layer} layers x {cfg.n_embd} hidden, {cfg.n_head} heads, "
+        f"MLP x{cfg.mlp_ratio}, {params / 1e6:.2f} M parameters (vocab {cfg.vocab_size}), "
+        f"{n} flows"
+    )
+    for lengths in ("full", "mixed"):
+        ids = make_flows(n, cfg.vocab_size, lengths)
+        eager_fp32(model, ids[:64]), predict_logits(fast, ids[:64])  # warm-up
+        base_s, fast_s = [], []
+        for _ in range(args.repeats):  # alternate, so a busy moment hits both
+            dt, ref = timed(lambda ids=ids: eager_fp32(model, ids))
+            base_s.append(dt)
+            dt, got = timed(lambda ids=ids: predict_logits(fast, ids, batch_size=args.batch))
+            fast_s.append(dt)
+        base = n / statistics.median(base_s)
+        opt = n / statistics.median(fast_s)
+        diff = (got - ref).abs().max().item()
+        print(
+            f"  {lengths:>5} length {'128' if lengths == 'full' else '16..128'}: "
+            f"optimised {opt:8.1f} flows/s   eager fp32 {base:8.1f} flows/s   "
+            f"x{opt / base:.2f}   max |logit diff| {diff:.1e}"
+        )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--presets", default="tiny,small,paper")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--flows", type=int, default=None, help="flows per measurement")
+    p.add_argument("--batch", type=int, default=256, help="optimised path's batch size")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-quantize", action="store_true", help="optimised path without int8")
+    p.add_argument("--set", nargs="*", default=[], help="config overrides, e.g. mlp_ratio=2")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print("machine:", machine())
+    for name in args.presets.split(","):
+        bench(name, args)
+    print("\nload at the end:", f"{os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
