@@ -93,6 +93,7 @@ class CaptureFile:
         self.batch_size = batch_size
         self.stats = ReadStats(self.path)
         self._buf = _load(self.path)
+        self._released = 0  # mapped bytes before this offset were handed back (_release)
         head = bytes(self._buf[:4])
         if head in _PCAP_MAGIC:
             self.stats.format = "pcap"
@@ -124,8 +125,29 @@ class CaptureFile:
     def __next__(self) -> Frames:
         if self._first is not None:
             frames, self._first = self._first, None
-            return frames
-        return next(self._batches)
+        else:
+            frames = next(self._batches)
+        self._release(frames)
+        return frames
+
+    def _release(self, frames: Frames) -> None:
+        """Unmap the pages before this batch from our resident set (MADV_DONTNEED).
+
+        Without it every page of the file stays resident once read, so replaying a 10 GB
+        capture shows 10 GB RSS. A caller still holding an older batch loses nothing: its pages
+        are read back from the page cache on the next touch.
+        """
+        mm = getattr(self._buf.base, "obj", None)
+        if not isinstance(mm, mmap.mmap) or not len(frames):
+            return
+        start = frames.data.ctypes.data - self._buf.ctypes.data
+        upto = start - start % mmap.PAGESIZE
+        if upto > self._released:
+            try:
+                mm.madvise(mmap.MADV_DONTNEED, self._released, upto - self._released)
+            except (OSError, ValueError):  # advice only: never a reason to stop reading
+                return
+            self._released = upto
 
     # -- problems -------------------------------------------------------------------------
 

@@ -19,7 +19,6 @@ so tests can pick them out of the events.
 
 from __future__ import annotations
 
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,12 +82,12 @@ def _set_l4(f: np.ndarray, proto: np.ndarray, flags: np.ndarray, payload: np.nda
     f[udp, 39] = ulen & 0xFF
 
 
-def flood_records(kind: str, n_flows: int, seed: int = 0) -> np.ndarray:
-    """One record per flood flow, in arrival order (timestamps are set by `write_flood`)."""
-    rng = np.random.default_rng(seed)
+def flood_records(kind: str, n_flows: int, seed: int = 0, first: int = 0) -> np.ndarray:
+    """Records for flood flows first..first+n_flows-1 (timestamps are set by `write_flood`)."""
+    rng = np.random.default_rng([seed, first])
     rec = _frames(n_flows)
     f = rec["frame"]
-    i = np.arange(n_flows, dtype=np.int64)
+    i = np.arange(first, first + n_flows, dtype=np.int64)
     # Distinct flows by construction: flow i's source is 10.0.0.0 + i (16M before it wraps).
     src = (10 << 24) + (i % (1 << 24))
     sport = 1024 + (i * 7919) % 64000
@@ -185,10 +184,43 @@ def real_key(i: int) -> tuple[str, int, str, int]:
             20000 + i, ".".join(map(str, REAL_SERVER)), 443)
 
 
-def peak_rss_of(pid: int) -> tuple[int, int]:
-    """Wait for child `pid`; return (exit status, peak resident set in bytes) of that child only."""
-    _, status, usage = os.wait4(pid, 0)
-    return os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024
+class PeakRss:
+    """Samples a process's peak resident set (VmHWM) from /proc until it exits.
+
+    Not getrusage/wait4: a child's ru_maxrss includes the resident set of the parent it was
+    forked from (exec records the old address space's high-water mark), so a child of a big
+    pytest process would report the parent's memory as its own.
+    """
+
+    def __init__(self, pid: int, every: float = 0.05) -> None:
+        import threading
+
+        self.pid, self.every = pid, every
+        self.peak = 0
+        self.samples: list[tuple[float, int]] = []  # (monotonic time, VmRSS bytes)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import time
+
+        while not self._stop.is_set():
+            try:
+                text = Path(f"/proc/{self.pid}/status").read_text()
+            except OSError:
+                return
+            fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+            if "VmHWM" not in fields:  # a zombie: its memory is gone
+                return
+            self.peak = max(self.peak, int(fields["VmHWM"].split()[0]) * 1024)
+            self.samples.append((time.monotonic(), int(fields["VmRSS"].split()[0]) * 1024))
+            self._stop.wait(self.every)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
 
 
 def tiny_bundle(out: Path, ready_packets: int = 3) -> Path:
@@ -207,3 +239,69 @@ def tiny_bundle(out: Path, ready_packets: int = 3) -> Path:
                            labels=["chat", "streaming", "voip"], step=0, metrics={})
     return save_bundle(out, ckpt, phrases, FlowSettings(ready_packets=ready_packets), max_len=64,
                        metrics={"note": "untrained"})
+
+
+# -- live: a TX-ring sender of distinct flows (run inside the far end's namespace) ---------------
+
+SOL_PACKET = 263
+PACKET_VERSION = 10
+PACKET_TX_RING = 13
+PACKET_QDISC_BYPASS = 20
+TPACKET_V2 = 1
+TP_STATUS_SEND_REQUEST = 1
+_SLOT = 128  # TX ring slot: 32-byte tpacket2_hdr, then the frame (as benchmarks/bench_capture.py)
+_BATCH = 256  # frames per send()
+_WIRE = 60  # frames on the wire: our 70-byte records cut to Ethernet's minimum (payload 6 bytes)
+
+
+def send_flood(iface: str, kind: str, n_flows: int, rate: float, first: int = 0) -> dict:
+    """Send one packet for each of flows first..first+n_flows-1 at `rate` frames/s (0: flat out).
+
+    The frames go to a MAC nobody has, so the receiving stack drops them at once and nothing
+    answers; a capture on the peer still sees every one. A PACKET_TX_RING socket sends 256
+    frames per syscall: the per-flow fields are rewritten in the mapped ring with numpy.
+    """
+    import mmap
+    import socket
+    import time
+
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+    sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
+    sock.setsockopt(SOL_PACKET, PACKET_QDISC_BYPASS, 1)
+    blocks = _BATCH * _SLOT // mmap.PAGESIZE
+    sock.setsockopt(SOL_PACKET, PACKET_TX_RING,
+                    struct.pack("4I", mmap.PAGESIZE, blocks, _SLOT, _BATCH))
+    ring = mmap.mmap(sock.fileno(), _BATCH * _SLOT)
+    sock.bind((iface, 0))
+    buf = np.frombuffer(ring, np.uint8).reshape(_BATCH, _SLOT)
+    hdr = buf.view(np.uint32)  # (BATCH, SLOT/4): word 0 status, word 1 tp_len
+    hdr[:, 1] = _WIRE
+    sent, start = 0, time.perf_counter()
+    while sent < n_flows:
+        m = min(_BATCH, n_flows - sent)
+        rec = flood_records(kind, m, seed=1, first=first + sent)
+        # Ethernet frames below 60 bytes are padded: IP lengths keep the datagram whole (SYN) or
+        # say 16 bytes of payload where 6 fit (random); the decoder copes with both.
+        buf[:m, 32:32 + _WIRE] = rec["frame"][:, :_WIRE]
+        if rate:
+            due = start + (sent + m) / rate
+            while (now := time.perf_counter()) < due:
+                time.sleep(min(due - now, 0.001))
+        hdr[:m, 0] = TP_STATUS_SEND_REQUEST
+        sock.send(b"")  # blocks until the batch is on the wire
+        sent += m
+    elapsed = time.perf_counter() - start
+    del hdr, buf
+    ring.close()
+    sock.close()
+    return {"sent": sent, "seconds": elapsed}
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    # python tests/floodgen.py send IFACE KIND N_FLOWS RATE [FIRST]
+    _, _, iface, kind, n, rate, *rest = sys.argv
+    print(json.dumps(send_flood(iface, kind, int(n), float(rate), int(rest[0]) if rest else 0)),
+          flush=True)
