@@ -27,6 +27,7 @@ import torch
 from flagd import evaluate
 from flagd.dataset import Dataset, build
 from flagd.flows import FlowSettings
+from flagd.infer import save_bundle
 from flagd.labels import labeller
 from flagd.model import ModelConfig, load_checkpoint, predict_logits, prepare_for_inference
 from flagd.phrases import PhraseDict
@@ -172,10 +173,21 @@ def run_mode(ds: Dataset, mode: str, p: Protocol, out: Path,
             n_params = sum(v.numel() for v in torch.load(run / "best.pt", weights_only=True)["model"].values())
             row = evaluate.compare_row(f"{mode}: {variant}", report, labels=frac, wall_s=wall,
                                        model_params=n_params)
+            if variant == "flag" and frac == 1.0:  # the model to ship: a bundle for --model
+                export(run, phrases, ds, p, report)
             rows.append(row)
             log(f"[{mode}] {name}: accuracy {report['accuracy']:.4f} macro-F1 "
                 f"{report['macro_f1']:.4f} TPR {report['tpr']:.4f} FPR {report['fpr']:.4f}")
     return rows
+
+
+def export(run: Path, phrases: PhraseDict, ds: Dataset, p: Protocol, report: dict) -> Path:
+    """Write run/model/, a bundle `flagd replay --model` loads, with its test report."""
+    s = ds.settings
+    settings = FlowSettings(ready_packets=s["ready_packets"],
+                            preprocessing=Preprocessing.from_dict(s["preprocessing"]))
+    best = torch.load(run / "best.pt", weights_only=True)
+    return save_bundle(run / "model", best, phrases, settings, p.max_len, metrics=report)
 
 
 def run_protocol(tree: list[Path], out: Path, p: Protocol, label_kind: str = "dir",
