@@ -150,6 +150,18 @@ def test_pretrain_writes_run_and_resumes_exactly(tmp_path):
         pretrain(train, val, tiny(n_layer=1), part, steps=8, resume=True, **kw)
 
 
+def test_pretrain_progress_bar_and_log(tmp_path, capsys):
+    lines = []
+    pretrain(
+        random_flows(64, seed=4), random_flows(16, seed=5), tiny(), tmp_path, epochs=2,
+        batch_size=32, progress=True, log=lines.append,
+    )  # fmt: skip
+    assert [line.split()[:2] for line in lines] == [["step", "2/4"], ["step", "4/4"]]
+    assert "masked-phrase acc" in lines[-1]
+    out = capsys.readouterr().out
+    assert "pretrain" in out and "phrases/s" in out  # rich's bar, drawn on stdout
+
+
 def _real_flow_sample(max_len: int) -> np.ndarray:
     """Sequences of 3 consecutive packets from a real capture: the IP layer's bytes with the
     addresses zeroed, 64 bytes at most, id = byte + NUM_SPECIAL, [SEP] between packets."""
