@@ -1,0 +1,597 @@
+"""The lab's applications: for each traffic class, real servers and clients from Debian packages.
+
+An `App` starts its servers once per run in the server namespace (`start`), draws the parameters
+of one session from the run's random generator (`params`), and runs one client session in a
+client namespace (`session`, returning the client's exit status). Configs, accounts and data live
+in the run's state directory; certificates come from `pki`. Servers run in the foreground as
+children of the lab so teardown can kill them, and as their own users where they refuse root.
+
+Each app names the programs it needs (`programs`); `doctor` maps those to Debian packages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from flagd.lab.pki import DOMAIN, Pki
+from flagd.lab.topology import SERVER_ADDR, Client, Lab, LabError, in_netns
+
+HERE = Path(__file__).resolve().parent
+DEBIAN_PYTHON = "/usr/bin/python3"  # has Debian's python3-slixmpp; flagd's own python may not
+
+
+@dataclass
+class RunContext:
+    """What every app of one run shares."""
+
+    lab: Lab
+    pki: Pki
+    rng: random.Random
+    random_ports: bool = False  # draw server ports at random (defeats port shortcuts)
+    session_seconds: float = 10.0  # target length of one session
+    shared: dict = field(default_factory=dict)  # servers started once, shared by app variants
+    _ports: set[int] = field(default_factory=set)
+    _named: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ports(self) -> dict[str, int]:
+        """Service name -> the port it listens on in this run."""
+        return dict(self._named)
+
+    def port(self, default: int, name: str | None = None) -> int:
+        """The server port for a service: `default`, or a fresh random one with random_ports."""
+        port = default
+        while self.random_ports and (port == default or port in self._ports):
+            port = self.rng.randint(20000, 60999)
+        self._ports.add(port)
+        self._named[name or str(default)] = port
+        return port
+
+    def workdir(self, name: str, mode: int = 0o755) -> Path:
+        path = self.lab.state / name
+        path.mkdir(parents=True, exist_ok=True)
+        path.chmod(mode)
+        return path
+
+
+def wait_tcp(
+    lab: Lab, port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None
+) -> None:
+    """Wait until the server accepts TCP on SERVER_ADDR:port (probed inside the server's
+    namespace, so the probe never shows up on a client link)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise LabError(f"server for port {port} exited with status {proc.returncode}")
+        with in_netns(lab.server):
+            sock = socket.socket()
+        with contextlib.closing(sock):
+            sock.settimeout(1)
+            try:
+                sock.connect((SERVER_ADDR, port))
+                return
+            except OSError:
+                pass
+        time.sleep(0.2)
+    raise LabError(f"no server listening on {SERVER_ADDR}:{port} after {timeout:.0f} s")
+
+
+def _chown(path: Path, user: str) -> None:
+    shutil.chown(path, user, user)
+    for sub in path.rglob("*"):
+        shutil.chown(sub, user, user)
+
+
+def _text(rng: random.Random, n: int) -> str:
+    return "".join(rng.choices("abcdefghijklmnopqrstuvwxyz      .,\n", k=n))
+
+
+class App:
+    label: ClassVar[str]  # the traffic class: the directory its captures go to
+    name: ClassVar[str]  # application and variant, e.g. "xmpp-starttls"
+    programs: ClassVar[tuple[str, ...]]  # executables needed (doctor maps them to packages)
+    plaintext_start: ClassVar[bool] = False  # does the session open with plaintext signalling?
+
+    def start(self, ctx: RunContext) -> None:
+        raise NotImplementedError
+
+    def params(self, rng: random.Random, seconds: float) -> dict:
+        raise NotImplementedError
+
+    def session(self, ctx: RunContext, client: Client, params: dict) -> int:
+        raise NotImplementedError
+
+
+# -- chat: prosody + slixmpp -------------------------------------------------------------------
+
+
+class Xmpp(App):
+    """XMPP chat with prosody; a slixmpp echo bot in the server namespace answers every message."""
+
+    label = "chat"
+    name = "xmpp-starttls"
+    programs = ("prosody", "prosodyctl", DEBIAN_PYTHON)
+    plaintext_start = True  # stream header and STARTTLS before TLS
+    direct_tls = False
+
+    def start(self, ctx: RunContext) -> None:
+        if "xmpp" in ctx.shared:  # both variants share one prosody
+            return
+        if (
+            not Path(DEBIAN_PYTHON).exists()
+            or subprocess.run(
+                [DEBIAN_PYTHON, "-c", "import slixmpp"], capture_output=True
+            ).returncode
+        ):
+            raise LabError("the chat client needs python3-slixmpp for /usr/bin/python3")
+        base = ctx.workdir("prosody")
+        (base / "data").mkdir(exist_ok=True)
+        starttls, direct = ctx.port(5222, "xmpp"), ctx.port(5223, "xmpps")
+        cfg = base / "prosody.cfg.lua"
+        cfg.write_text(
+            f"""
+pidfile = "{base}/prosody.pid"
+data_path = "{base}/data"
+log = {{ info = "*console" }}
+interfaces = {{ "{SERVER_ADDR}" }}
+c2s_ports = {{ {starttls} }}
+c2s_direct_tls_ports = {{ {direct} }}
+s2s_ports = {{ }}
+c2s_require_encryption = true
+authentication = "internal_hashed"
+plugin_paths = {{ }}
+modules_enabled = {{ "roster"; "saslauth"; "tls"; "disco"; "ping"; "posix" }}
+modules_disabled = {{ "s2s" }}
+ssl = {{ certificate = "{ctx.pki.chain}"; key = "{ctx.pki.key}"; }}
+c2s_direct_tls_ssl = {{ certificate = "{ctx.pki.chain}"; key = "{ctx.pki.key}"; }}
+VirtualHost "{DOMAIN}"
+"""
+        )
+        _chown(base, "prosody")
+        lab = ctx.lab
+        for user in ("bot", *(f"user{c.index}" for c in lab.clients)):
+            res = lab.run(
+                lab.server,
+                ["prosodyctl", "--config", str(cfg), "register", user, DOMAIN, "labpass"],
+                user="prosody",
+            )
+            if res.returncode:
+                raise LabError(f"prosodyctl register failed: {(res.stderr or res.stdout)[-300:]}")
+        proc = lab.popen(
+            lab.server, ["prosody", "--config", str(cfg), "-F"], user="prosody", log="prosody"
+        )
+        wait_tcp(lab, starttls, proc=proc)
+        bot = lab.popen(
+            lab.server,
+            [DEBIAN_PYTHON, str(HERE / "xmpp_bot.py"), "echo", f"--jid=bot@{DOMAIN}",
+             "--password=labpass", f"--host={SERVER_ADDR}", f"--port={starttls}",
+             f"--ca={ctx.pki.ca}", f"--seed={ctx.rng.randrange(1 << 30)}"],
+            stdout=subprocess.PIPE, stderr=open(lab.state / "xmpp-bot.log", "ab"), text=True,
+        )  # fmt: skip
+        line = _readline(bot, 20)
+        if line != "ready":
+            raise LabError(f"XMPP echo bot did not log in: {lab.log('xmpp-bot')[-300:]}")
+        ctx.shared["xmpp"] = (starttls, direct)
+
+    def params(self, rng: random.Random, seconds: float) -> dict:
+        rate = rng.choice([0.3, 0.5, 1.0, 2.0, 4.0])
+        return {
+            "messages": max(2, int(rate * seconds * rng.uniform(0.5, 0.9))),
+            "rate": rate,
+            "min_len": rng.randint(1, 20),
+            "max_len": rng.choice([60, 200, 800]),
+            "seed": rng.randrange(1 << 30),
+        }
+
+    def session(self, ctx: RunContext, client: Client, params: dict) -> int:
+        starttls, direct = ctx.shared["xmpp"]
+        argv = [
+            DEBIAN_PYTHON, str(HERE / "xmpp_bot.py"), "chat", f"--jid=user{client.index}@{DOMAIN}",
+            "--password=labpass", f"--host={SERVER_ADDR}", f"--port={direct if self.direct_tls else starttls}",
+            f"--ca={ctx.pki.ca}", f"--peer=bot@{DOMAIN}", f"--messages={params['messages']}",
+            f"--rate={params['rate']}", f"--min-len={params['min_len']}",
+            f"--max-len={params['max_len']}", f"--seed={params['seed']}",
+        ]  # fmt: skip
+        if self.direct_tls:
+            argv.append("--direct-tls")
+        return _client(ctx, client, argv, params)
+
+
+class XmppTls(Xmpp):
+    """The same chat over direct TLS (port 5223, XEP-0368): no plaintext before the handshake."""
+
+    name = "xmpp-tls"
+    plaintext_start = False
+    direct_tls = True
+
+
+# -- email: postfix (SMTP, STARTTLS required) + dovecot (IMAPS) --------------------------------
+
+_POSTFIX_SERVICES = """\
+{port} inet n - n - - smtpd
+pickup unix n - n 60 1 pickup
+cleanup unix n - n - 0 cleanup
+qmgr unix n - n 300 1 qmgr
+tlsmgr unix - - n 1000? 1 tlsmgr
+rewrite unix - - n - - trivial-rewrite
+bounce unix - - n - 0 bounce
+defer unix - - n - 0 bounce
+trace unix - - n - 0 bounce
+verify unix - - n - 1 verify
+flush unix n - n 1000? 0 flush
+proxymap unix - - n - - proxymap
+showq unix n - n - - showq
+error unix - - n - - error
+retry unix - - n - - error
+discard unix - - n - - discard
+virtual unix - n n - - virtual
+anvil unix - - n - 1 anvil
+scache unix - - n - 1 scache
+postlog unix-dgram n - n - 1 postlogd
+"""
+
+
+def _start_mail(ctx: RunContext) -> tuple[int, int]:
+    """postfix (SMTP with STARTTLS required) delivering into a Maildir that dovecot serves over
+    IMAPS; both started once per run. Returns (smtp port, imaps port)."""
+    if "mail" in ctx.shared:
+        return ctx.shared["mail"]
+    lab, pki = ctx.lab, ctx.pki
+    base = ctx.workdir("mail")
+    box = base / "box"
+    for sub in ("cur", "new", "tmp"):
+        (box / sub).mkdir(parents=True, exist_ok=True)
+    _chown(box, "mail")
+    smtp, imaps = ctx.port(25, "smtp"), ctx.port(993, "imaps")
+    conf, spool, data = base / "postfix", base / "spool", base / "data"
+    for d in (conf, spool, data):
+        d.mkdir(exist_ok=True)
+    shutil.chown(data, "postfix", "postfix")
+    # Postfix with a private config directory fails silently until the config is complete:
+    # every directory, map and service it needs is spelled out here, chroot off everywhere.
+    (conf / "main.cf").write_text(
+        f"""compatibility_level = 3.6
+queue_directory = {spool}
+data_directory = {data}
+shlib_directory = /usr/lib/postfix
+meta_directory = /etc/postfix
+mail_owner = postfix
+setgid_group = postdrop
+inet_interfaces = {SERVER_ADDR}
+inet_protocols = ipv4
+myhostname = mail.{DOMAIN}
+mydomain = {DOMAIN}
+mydestination =
+local_recipient_maps =
+alias_maps =
+alias_database =
+virtual_mailbox_domains = {DOMAIN}
+virtual_mailbox_base = {base}
+virtual_mailbox_maps = static:box/
+virtual_uid_maps = static:8
+virtual_gid_maps = static:8
+virtual_mailbox_limit = 0
+virtual_minimum_uid = 8
+message_size_limit = 52428800
+smtpd_tls_security_level = encrypt
+smtpd_tls_cert_file = {pki.chain}
+smtpd_tls_key_file = {pki.key}
+smtpd_tls_auth_only = yes
+smtpd_relay_restrictions = permit_mynetworks reject_unauth_destination
+mynetworks = 127.0.0.0/8
+maillog_file = /dev/stdout
+biff = no
+"""
+    )
+    (conf / "master.cf").write_text(_POSTFIX_SERVICES.format(port=smtp))
+    res = lab.run(lab.server, ["postfix", "-c", str(conf), "check"])
+    if res.returncode:
+        raise LabError(f"postfix check failed: {(res.stderr or res.stdout)[-300:]}")
+    proc = lab.popen(lab.server, ["postfix", "-c", str(conf), "start-fg"], log="postfix")
+    wait_tcp(lab, smtp, proc=proc)
+    dove = base / "dovecot"
+    dove.mkdir(exist_ok=True)
+    (dove / "dovecot.conf").write_text(
+        f"""base_dir = {dove}/run
+state_dir = {dove}/state
+log_path = /dev/stderr
+protocols = imap
+listen = {SERVER_ADDR}
+ssl = required
+ssl_cert = <{pki.chain}
+ssl_key = <{pki.key}
+disable_plaintext_auth = yes
+auth_mechanisms = plain
+default_internal_user = dovecot
+default_login_user = dovenull
+first_valid_uid = 8
+passdb {{
+  driver = static
+  args = password=labpass
+}}
+userdb {{
+  driver = static
+  args = uid=8 gid=8 home={box}
+}}
+mail_location = maildir:{box}
+service imap-login {{
+  inet_listener imap {{
+    port = 0
+  }}
+  inet_listener imaps {{
+    port = {imaps}
+    ssl = yes
+  }}
+}}
+"""
+    )
+    proc = lab.popen(lab.server, ["dovecot", "-F", "-c", str(dove / "dovecot.conf")], log="dovecot")
+    wait_tcp(lab, imaps, proc=proc)
+    ctx.shared["mail"] = (smtp, imaps)
+    return smtp, imaps
+
+
+class Smtp(App):
+    """Mail submission with swaks over SMTP + STARTTLS (required by the server), with an
+    attachment of random size."""
+
+    label = "email"
+    name = "smtp-starttls"
+    programs = ("postfix", "dovecot", "swaks")
+    plaintext_start = True  # greeting, EHLO and STARTTLS before TLS
+
+    def start(self, ctx: RunContext) -> None:
+        _start_mail(ctx)
+
+    def params(self, rng: random.Random, seconds: float) -> dict:
+        return {
+            "attachment_kb": round(
+                rng.choice([1, 4, 16, 64, 256, 1024]) * rng.uniform(0.5, 1.5), 1
+            ),
+            "body_chars": rng.randint(50, 5000),
+            "seed": rng.randrange(1 << 30),
+        }
+
+    def session(self, ctx: RunContext, client: Client, params: dict) -> int:
+        smtp, _ = ctx.shared["mail"]
+        rng = random.Random(params["seed"])
+        work = ctx.workdir(f"client-{client.index}")
+        attach, body = work / "attachment.bin", work / "body.txt"
+        attach.write_bytes(rng.randbytes(int(params["attachment_kb"] * 1024)))
+        body.write_text(_text(rng, params["body_chars"]))
+        argv = [
+            "swaks", "--server", SERVER_ADDR, "--port", str(smtp), "--helo", f"client{client.index}.{DOMAIN}",
+            "--from", f"user{client.index}@{DOMAIN}", "--to", f"box@{DOMAIN}", "--tls", "--tls-verify",
+            "--tls-ca-path", str(ctx.pki.ca), "--body", f"@{body}", "--attach", f"@{attach}",
+            "--suppress-data", "--timeout", "30",
+        ]  # fmt: skip
+        return _client(ctx, client, argv, params)
+
+
+class Imaps(App):
+    """A mail client over IMAPS (implicit TLS, port 993): append, read and delete messages."""
+
+    label = "email"
+    name = "imaps"
+    programs = ("postfix", "dovecot")
+
+    def start(self, ctx: RunContext) -> None:
+        _start_mail(ctx)
+
+    def params(self, rng: random.Random, seconds: float) -> dict:
+        return {
+            "append": rng.randint(0, 3),
+            "size_kb": rng.choice([1, 8, 64, 256]),
+            "fetch": rng.randint(1, 6),
+            "think": round(seconds / 8 * rng.uniform(0.5, 1.5), 2),
+            "seed": rng.randrange(1 << 30),
+        }
+
+    def session(self, ctx: RunContext, client: Client, params: dict) -> int:
+        _, imaps = ctx.shared["mail"]
+        argv = [
+            sys.executable, str(HERE / "imap_client.py"), f"--host={SERVER_ADDR}", f"--port={imaps}",
+            f"--ca={ctx.pki.ca}", f"--user=user{client.index}", "--password=labpass",
+            f"--append={params['append']}", f"--size-kb={params['size_kb']}",
+            f"--fetch={params['fetch']}", f"--think={params['think']}", f"--seed={params['seed']}",
+        ]  # fmt: skip
+        return _client(ctx, client, argv, params)
+
+
+# -- file transfer: OpenSSH (sftp and scp, get and put) -------------------------------------------
+
+
+def _start_sshd(ctx: RunContext) -> int:
+    """sshd in the foreground with per-run host and client keys; root logs in by key only,
+    into a files directory in the run's state. Returns the port."""
+    if "ssh" in ctx.shared:
+        return ctx.shared["ssh"][0]
+    lab = ctx.lab
+    base = ctx.workdir("ssh", 0o700)
+    files = ctx.workdir("ssh/files", 0o700)
+    port = ctx.port(22, "ssh")
+    for kind in ("ed25519", "ecdsa"):
+        _keygen(base / f"host_{kind}", kind)
+    _keygen(base / "client", "ed25519")
+    (base / "authorized_keys").write_text((base / "client.pub").read_text())
+    host_pub = (base / "host_ed25519.pub").read_text().split()[:2]
+    host = SERVER_ADDR if port == 22 else f"[{SERVER_ADDR}]:{port}"
+    (base / "known_hosts").write_text(f"{host} {' '.join(host_pub)}\n")
+    (base / "sshd_config").write_text(
+        f"""Port {port}
+ListenAddress {SERVER_ADDR}
+HostKey {base}/host_ed25519
+HostKey {base}/host_ecdsa
+PidFile {base}/sshd.pid
+AuthorizedKeysFile {base}/authorized_keys
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+UseDNS no
+PrintMotd no
+MaxStartups 64
+MaxSessions 64
+Subsystem sftp internal-sftp
+"""
+    )
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # privilege separation directory
+    proc = lab.popen(
+        lab.server, ["/usr/sbin/sshd", "-D", "-e", "-f", str(base / "sshd_config")], log="sshd"
+    )
+    wait_tcp(lab, port, proc=proc)
+    ctx.shared["ssh"] = (port, base, files)
+    return port
+
+
+def _keygen(path: Path, kind: str) -> None:
+    res = subprocess.run(
+        ["ssh-keygen", "-q", "-t", kind, "-N", "", "-C", "flagd-lab", "-f", str(path)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if res.returncode:
+        raise LabError(f"ssh-keygen failed: {res.stderr[-200:]}")
+
+
+class Sftp(App):
+    """OpenSSH's sftp client getting and putting random files (the SSH banner is plaintext)."""
+
+    label = "file-transfer"
+    name = "sftp"
+    programs = ("sshd", "sftp", "ssh-keygen")
+    plaintext_start = True  # SSH version banners
+
+    def start(self, ctx: RunContext) -> None:
+        _start_sshd(ctx)
+
+    def params(self, rng: random.Random, seconds: float) -> dict:
+        rate = rng.choice([2, 5, 10, 20])  # Mbit/s, tbf on both directions of the client link
+        budget = rate * 1e6 / 8 * seconds  # bytes that fit in the session at that rate
+        return {
+            "rate_mbit": rate,
+            "direction": rng.choice(["get", "put", "both"]),
+            "files": rng.randint(1, 3),
+            "file_kb": max(4, int(budget / 1024 / 3 * rng.uniform(0.1, 0.9))),
+            "cipher": rng.choice(
+                ["chacha20-poly1305@openssh.com", "aes128-gcm@openssh.com", "aes256-ctr"]
+            ),
+            "seed": rng.randrange(1 << 30),
+        }
+
+    def _files(
+        self, ctx: RunContext, client: Client, params: dict
+    ) -> tuple[list[Path], list[Path]]:
+        """(remote files to get, local files to put), freshly written with random bytes."""
+        _, _, files = ctx.shared["ssh"]
+        rng = random.Random(params["seed"])
+        local = ctx.workdir(f"client-{client.index}/ssh")
+        gets, puts = [], []
+        for k in range(params["files"]):
+            size = int(params["file_kb"] * 1024 * rng.uniform(0.5, 1.5))
+            if params["direction"] in ("get", "both"):
+                path = files / f"c{client.index}-get{k}.bin"
+                path.write_bytes(rng.randbytes(size))
+                gets.append(path)
+            if params["direction"] in ("put", "both"):
+                path = local / f"put{k}.bin"
+                path.write_bytes(rng.randbytes(size))
+                puts.append(path)
+        return gets, puts
+
+    def _ssh_options(self, ctx: RunContext, params: dict) -> list[str]:
+        _, base, _ = ctx.shared["ssh"]
+        return [
+            "-i", str(base / "client"), "-o", f"UserKnownHostsFile={base / 'known_hosts'}",
+            "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes",
+            "-o", f"Ciphers={params['cipher']}", "-o", "ConnectTimeout=10",
+        ]  # fmt: skip
+
+    def session(self, ctx: RunContext, client: Client, params: dict) -> int:
+        port, _, files = ctx.shared["ssh"]
+        gets, puts = self._files(ctx, client, params)
+        local = ctx.workdir(f"client-{client.index}/ssh")
+        batch = local / "batch"
+        lines = [f"get {p} {local}/" for p in gets]
+        lines += [f"put {p} {files}/c{client.index}-{p.name}" for p in puts]
+        batch.write_text("\n".join(lines) + "\n")
+        argv = ["sftp", *self._ssh_options(ctx, params), "-P", str(port), "-b", str(batch)]
+        try:
+            return _client(ctx, client, [*argv, f"root@{SERVER_ADDR}"], params)
+        finally:
+            _remove(gets, local.glob("*.bin"), files.glob(f"c{client.index}-put*"))
+
+
+class Scp(Sftp):
+    """OpenSSH's scp (SFTP protocol underneath since OpenSSH 9), one connection per direction."""
+
+    name = "scp"
+    programs = ("sshd", "scp", "ssh-keygen")
+
+    def session(self, ctx: RunContext, client: Client, params: dict) -> int:
+        port, _, files = ctx.shared["ssh"]
+        gets, puts = self._files(ctx, client, params)
+        local = ctx.workdir(f"client-{client.index}/ssh")
+        base = ["scp", "-q", *self._ssh_options(ctx, params), "-P", str(port)]
+        remote = f"root@{SERVER_ADDR}:"
+        try:
+            rc = 0
+            if gets:
+                rc = _client(
+                    ctx, client, [*base, *(remote + str(p) for p in gets), f"{local}/"], params
+                )
+            if puts and rc == 0:
+                dest = f"{remote}{files}/"
+                rc = _client(ctx, client, [*base, *map(str, puts), dest], params)
+            return rc
+        finally:
+            _remove(gets, local.glob("*.bin"), files.glob("put*"))
+
+
+def _remove(*groups) -> None:
+    for group in groups:
+        for path in list(group):
+            with contextlib.suppress(OSError):
+                Path(path).unlink()
+
+
+def _readline(proc: subprocess.Popen, timeout: float) -> str:
+    import select
+
+    if proc.stdout is None:
+        return ""
+    if select.select([proc.stdout], [], [], timeout)[0]:
+        return proc.stdout.readline().strip()
+    return ""
+
+
+def _client(ctx: RunContext, client: Client, argv: list[str], params: dict, **kw) -> int:
+    """Run a client program in the client's namespace with a hard timeout; its exit status."""
+    limit = max(30.0, 4 * ctx.session_seconds)
+    log = ctx.lab.state / f"client-{client.index}.log"
+    with open(log, "ab") as fh:
+        fh.write(f"\n$ {' '.join(argv)}\n".encode())
+        fh.flush()
+        try:
+            res = ctx.lab.run(
+                client.ns, argv, timeout=limit, capture_output=False, stdout=fh,
+                stderr=subprocess.STDOUT, text=False, **kw,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            return 124
+    return res.returncode
+
+
+APPS: dict[str, type[App]] = {a.name: a for a in (Xmpp, XmppTls, Smtp, Imaps, Sftp, Scp)}
+CLASSES: dict[str, list[str]] = {}
+for _app in APPS.values():
+    CLASSES.setdefault(_app.label, []).append(_app.name)

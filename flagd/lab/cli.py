@@ -1,0 +1,141 @@
+"""`flagd lab ...`: the traffic lab's commands (registered by flagd.cli as a typer sub-app).
+
+Thin like the rest of the CLI: each command builds settings, calls one function, and turns the
+errors it expects into one line on stderr and an exit code (3 for missing programs, 130 on
+Ctrl-C, after the lab has been torn down).
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+lab_app = typer.Typer(
+    no_args_is_help=True, help="Generate labelled captures of real applications in namespaces."
+)
+
+
+class Exit(enum.IntEnum):
+    OK = 0
+    ERROR = 1  # the lab could not run: no root, a server failed, ...
+    USAGE = 2
+    MISSING = 3  # programs are missing: the message has the apt-get line
+    INTERRUPTED = 130
+
+
+def _split(value: str | None) -> tuple[str, ...]:
+    return tuple(v.strip() for v in (value or "").split(",") if v.strip())
+
+
+@lab_app.command()
+def doctor() -> None:
+    """List the programs the lab needs, which are installed, and the apt-get line for the rest."""
+    from flagd.lab.apps import APPS, CLASSES
+    from flagd.lab.doctor import diagnose
+    from flagd.lab.topology import netns_unavailable
+
+    report = diagnose(
+        {label: [(n, APPS[n].programs) for n in names] for label, names in CLASSES.items()}
+    )
+    width = max(len(r[2]) for r in report.rows)
+    for label, app, program, ok in report.rows:
+        typer.echo(f"{'ok     ' if ok else 'MISSING'}  {program:<{width}}  {label} / {app}")
+    reason = netns_unavailable()
+    if reason:
+        typer.echo(f"\nnamespaces: {reason}")
+    if report.apt:
+        typer.echo(f"\nmissing programs; install them with:\n  {report.apt}")
+        typer.echo("(with a policy-rc.d that exits 101, so no daemon starts outside the lab)")
+        raise typer.Exit(Exit.MISSING)
+    typer.echo("\nevery program the lab needs is installed")
+    if reason:
+        raise typer.Exit(Exit.ERROR)
+
+
+@lab_app.command()
+def generate(
+    out: Annotated[
+        Path,
+        typer.Option("--out", help="Output directory: <class>/<session>.pcap and manifest.json."),
+    ],
+    classes: Annotated[
+        str | None, typer.Option("--classes", help="Comma-separated classes (default: all).")
+    ] = None,
+    apps: Annotated[
+        str | None,
+        typer.Option("--apps", help="Comma-separated app names to restrict each class to."),
+    ] = None,
+    tunnel: Annotated[
+        str,
+        typer.Option("--tunnel", help="Comma-separated tunnel modes; only 'none' is built so far."),
+    ] = "none",
+    sessions: Annotated[
+        int, typer.Option("--sessions", min=1, help="Sessions per class (and tunnel).")
+    ] = 10,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed for every random choice of the run.")
+    ] = 0,
+    seconds: Annotated[
+        float, typer.Option("--seconds", min=1, help="Target length of one session.")
+    ] = 10.0,
+    clients: Annotated[
+        int,
+        typer.Option(
+            "--clients", min=1, max=64, help="Client namespaces running sessions at once."
+        ),
+    ] = 1,
+    random_ports: Annotated[
+        bool, typer.Option("--random-ports", help="Random server ports (defeats port shortcuts).")
+    ] = False,
+    keep_packets: Annotated[
+        int, typer.Option("--keep-packets", min=0, help="Packets per flow kept on disk (0: all).")
+    ] = 1000,
+) -> None:
+    """Run client sessions against real servers and write one labelled capture per session."""
+    from flagd.lab.apps import CLASSES
+    from flagd.lab.doctor import MissingPrograms
+    from flagd.lab.generate import Settings
+    from flagd.lab.generate import generate as run
+    from flagd.lab.topology import LabError
+
+    settings = Settings(
+        out=out,
+        classes=_split(classes) or tuple(CLASSES),
+        apps=_split(apps),
+        tunnels=_split(tunnel) or ("none",),
+        sessions=sessions,
+        seed=seed,
+        seconds=seconds,
+        clients=clients,
+        random_ports=random_ports,
+        keep_packets=keep_packets,
+    )
+
+    def progress(rec: dict) -> None:
+        state = "ok  " if rec["valid"] else "SKIP"
+        why = "" if rec["valid"] else f"  ({rec['reason']})"
+        typer.echo(
+            f"{state} {rec['id']:<34} {rec['seconds']:6.1f} s {rec['packets']:7d} pkts "
+            f"{len(rec['flows']):2d} flows{why}"
+        )
+
+    try:
+        doc = run(settings, progress)
+    except MissingPrograms as e:
+        typer.echo(f"flagd: {e}", err=True)
+        raise typer.Exit(Exit.MISSING) from None
+    except LabError as e:
+        typer.echo(f"flagd: {e}", err=True)
+        raise typer.Exit(Exit.ERROR) from None
+    except KeyboardInterrupt:
+        typer.echo("flagd: interrupted; the lab was torn down", err=True)
+        raise typer.Exit(Exit.INTERRUPTED) from None
+    for label, c in doc["summary"].items():
+        typer.echo(
+            f"{label:<14} {c['sessions']:4d} sessions {c['rejected']:3d} rejected "
+            f"{c['flows']:5d} flows {c['flows_per_minute']:7.1f} flows/min"
+        )
+    typer.echo(f"manifest: {out / 'manifest.json'}")

@@ -1,0 +1,154 @@
+"""Which programs the lab needs, which are installed, and the one apt-get line for the rest.
+
+Every requirement is a program (or a library a program needs) with the Debian package that
+brings it and a check that runs nothing: a lookup on PATH, a file, or an import probe.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Requirement:
+    name: str  # what the apps call it (a program name, or a library described in words)
+    package: str  # Debian package that brings it
+    check: Callable[[], bool]
+
+    @property
+    def installed(self) -> bool:
+        return self.check()
+
+
+def _which(name: str) -> Callable[[], bool]:
+    # sbin directories too: the lab runs as root, but a doctor run by a user has no sbin on PATH
+    path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    return lambda: shutil.which(name) is not None or shutil.which(name, path=path) is not None
+
+
+def _probe(argv: list[str]) -> Callable[[], bool]:
+    @cache
+    def check() -> bool:
+        if not Path(argv[0]).exists() and shutil.which(argv[0]) is None:
+            return False
+        return subprocess.run(argv, capture_output=True, timeout=20).returncode == 0
+
+    return check
+
+
+# Program name -> requirement. The apps name programs; the packages are Debian 12's.
+REQUIREMENTS: dict[str, Requirement] = {
+    r.name: r
+    for r in (
+        Requirement("ip", "iproute2", _which("ip")),
+        Requirement("tc", "iproute2", _which("tc")),
+        Requirement("setpriv", "util-linux", _which("setpriv")),
+        Requirement("ethtool", "ethtool", _which("ethtool")),
+        Requirement("openssl", "openssl", _which("openssl")),
+        Requirement("prosody", "prosody", _which("prosody")),
+        Requirement("prosodyctl", "prosody", _which("prosodyctl")),
+        Requirement(
+            "/usr/bin/python3",
+            "python3-slixmpp",
+            _probe(["/usr/bin/python3", "-c", "import slixmpp"]),
+        ),
+        Requirement("postfix", "postfix", _which("postfix")),
+        Requirement("dovecot", "dovecot-imapd", _which("dovecot")),
+        Requirement("swaks", "swaks", _which("swaks")),
+        Requirement(
+            "perl Net::SSLeay", "libnet-ssleay-perl", _probe(["perl", "-MNet::SSLeay", "-e1"])
+        ),
+        Requirement(
+            "perl IO::Socket::SSL",
+            "libio-socket-ssl-perl",
+            _probe(["perl", "-MIO::Socket::SSL", "-e1"]),
+        ),
+        Requirement("sshd", "openssh-server", _which("sshd")),
+        Requirement("sftp", "openssh-client", _which("sftp")),
+        Requirement("scp", "openssh-client", _which("scp")),
+        Requirement("ssh-keygen", "openssh-client", _which("ssh-keygen")),
+        Requirement("nginx", "nginx-light", _which("nginx")),
+        Requirement("ffmpeg", "ffmpeg", _which("ffmpeg")),
+        Requirement("curl", "curl", _which("curl")),
+        Requirement("baresip", "baresip-core", _which("baresip")),
+        Requirement("opentracker", "opentracker", _which("opentracker")),
+        Requirement("aria2c", "aria2", _which("aria2c")),
+        Requirement("transmission-cli", "transmission-cli", _which("transmission-cli")),
+        Requirement("mktorrent", "mktorrent", _which("mktorrent")),
+        Requirement("openvpn", "openvpn", _which("openvpn")),
+        Requirement("wireguard-go", "wireguard-go", _which("wireguard-go")),
+        Requirement("wg", "wireguard-tools", _which("wg")),
+    )
+}
+# Needed by every lab run whatever the classes: namespaces, shaping, offloads, certificates.
+BASE = ("ip", "tc", "setpriv", "ethtool", "openssl")
+# swaks talks STARTTLS only with these two Perl libraries present.
+EXTRA = {"swaks": ("perl Net::SSLeay", "perl IO::Socket::SSL")}
+
+
+def expand(programs: Iterable[str]) -> list[str]:
+    """The programs plus the base set and the libraries they depend on, in a stable order."""
+    out: list[str] = []
+    for name in (*BASE, *programs):
+        for item in (name, *EXTRA.get(name, ())):
+            if item not in out:
+                out.append(item)
+    return out
+
+
+def missing(programs: Iterable[str]) -> list[Requirement]:
+    return [REQUIREMENTS[name] for name in expand(programs) if not REQUIREMENTS[name].installed]
+
+
+def apt_line(reqs: Iterable[Requirement]) -> str:
+    """The one command that installs the packages behind `reqs` (empty when none)."""
+    packages = sorted({r.package for r in reqs})
+    if not packages:
+        return ""
+    return "apt-get install -y --no-install-recommends " + " ".join(packages)
+
+
+class MissingPrograms(RuntimeError):
+    """Programs a requested class needs are not installed; the message has the apt-get line."""
+
+
+def require(programs: Iterable[str], what: str) -> None:
+    gone = missing(programs)
+    if gone:
+        names = ", ".join(r.name for r in gone)
+        raise MissingPrograms(
+            f"{what} needs programs that are not installed ({names}); install them with:\n"
+            f"  {apt_line(gone)}\n"
+            "(with a policy-rc.d that exits 101, so no daemon starts outside the lab)"
+        )
+
+
+@dataclass(frozen=True)
+class Report:
+    rows: list[tuple[str, str, str, bool]]  # (class, app, program, installed)
+    apt: str  # the apt-get line for everything missing ("" when nothing is)
+
+    @property
+    def ok(self) -> bool:
+        return not self.apt
+
+
+def diagnose(apps: dict[str, list[tuple[str, tuple[str, ...]]]]) -> Report:
+    """`apps`: class -> [(app name, programs)]. One row per program each app needs."""
+    rows = [("(all)", "(lab)", name, REQUIREMENTS[name].installed) for name in BASE]
+    gone = [REQUIREMENTS[name] for name in BASE if not REQUIREMENTS[name].installed]
+    for label, entries in apps.items():
+        for app, programs in entries:
+            for name in expand(programs):
+                if name in BASE:
+                    continue
+                req = REQUIREMENTS[name]
+                rows.append((label, app, name, req.installed))
+                if not req.installed:
+                    gone.append(req)
+    return Report(rows, apt_line(gone))

@@ -1,0 +1,353 @@
+"""`flagd lab generate`: run many short, varied client sessions and write one labelled capture each.
+
+One run builds the lab (`topology.build_lab`), makes its certificates (`pki`), starts the servers
+of the requested classes (`apps`), then works through a shuffled list of sessions (classes
+interleaved, so nothing about the time of the run correlates with the label). For each session:
+shape the client link, start a capture on it, run the client, stop the capture, compute per-flow
+statistics, validate, and write `OUT/<class>/<session>.pcap` with at most `keep_packets` packets
+per flow. Every session, kept or rejected, goes into `OUT/manifest.json`, rewritten atomically
+after each one so an interrupted run still leaves a correct manifest of what it wrote.
+
+With `clients > 1` that many client namespaces run sessions at once, one worker thread each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from flagd.lab.apps import APPS, CLASSES, App, RunContext
+from flagd.lab.doctor import REQUIREMENTS, expand, require
+from flagd.lab.pki import make_pki
+from flagd.lab.record import Recorder, Rules, keep_first, session_stats, validate, write_pcap
+from flagd.lab.topology import Client, LabError, build_lab
+
+MANIFEST = "manifest.json"
+FORMAT = "flagd-lab/1"
+TUNNELS = ("none",)  # openvpn and wireguard-go modes are not built yet
+DEFAULT_RATE_MBIT = 100  # tbf on every client link, so no session runs at memory speed
+DRAIN_SECONDS = 0.3  # capture keeps running this long after the client exits (FIN/ACKs)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One generation run."""
+
+    out: Path
+    classes: tuple[str, ...] = tuple(CLASSES)  # traffic classes (directories)
+    apps: tuple[str, ...] = ()  # restrict to these app names (empty: every app of the classes)
+    tunnels: tuple[str, ...] = ("none",)
+    sessions: int = 10  # per class, spread over the class's apps
+    seed: int = 0
+    seconds: float = 10.0  # target length of one session
+    clients: int = 1  # client namespaces running sessions at once
+    random_ports: bool = False  # random server ports per run (defeats port shortcuts)
+    keep_packets: int = 1000  # packets per flow kept on disk (statistics use all of them)
+    rules: Rules = field(default_factory=Rules)
+
+
+@dataclass
+class Job:
+    id: str
+    label: str
+    app: str
+    tunnel: str
+    params: dict
+
+
+def plan(settings: Settings) -> list[Job]:
+    """The sessions of a run, in run order: deterministic for a seed."""
+    rng = random.Random(settings.seed)
+    jobs: list[Job] = []
+    for label in settings.classes:
+        names = [a for a in CLASSES[label] if not settings.apps or a in settings.apps]
+        if not names:
+            raise LabError(f"no app of class {label!r} among {', '.join(settings.apps)}")
+        for tunnel in settings.tunnels:
+            for k in range(settings.sessions):
+                app = names[k % len(names)]
+                params = APPS[app]().params(rng, settings.seconds)
+                prefix = label if tunnel == "none" else f"vpn-{label}"
+                jobs.append(Job(f"{prefix}-{app}-{k:05d}", prefix, app, tunnel, params))
+    rng.shuffle(jobs)
+    return jobs
+
+
+def check_settings(settings: Settings) -> list[type[App]]:
+    """The app classes a run needs; LabError/MissingPrograms when it cannot run as asked."""
+    unknown = [c for c in settings.classes if c not in CLASSES]
+    if unknown:
+        raise LabError(f"unknown class {unknown[0]!r}; classes: {', '.join(CLASSES)}")
+    bad = [t for t in settings.tunnels if t not in TUNNELS]
+    if bad:
+        raise LabError(
+            f"tunnel {bad[0]!r} is not available yet (built: {', '.join(TUNNELS)}); "
+            "the VPN modes (openvpn, wireguard-go) are planned but not built"
+        )
+    if settings.sessions < 1 or settings.seconds <= 0:
+        raise LabError("sessions must be >= 1 and seconds > 0")
+    apps = [
+        APPS[name]
+        for label in settings.classes
+        for name in CLASSES[label]
+        if not settings.apps or name in settings.apps
+    ]
+    for app in apps:
+        require(app.programs, f"class {app.label} ({app.name})")
+    return apps
+
+
+def versions(programs: list[str]) -> dict[str, str]:
+    """Debian package versions of what the run used (dpkg-query), plus flagd's and the kernel's."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    packages = sorted({REQUIREMENTS[p].package for p in programs})
+    out: dict[str, str] = {}
+    res = subprocess.run(
+        ["dpkg-query", "-W", "-f", "${Package} ${Version}\n", *packages],
+        capture_output=True,
+        text=True,
+    )
+    for line in res.stdout.splitlines():
+        name, _, ver = line.partition(" ")
+        out[name] = ver
+    try:
+        out["flagd"] = version("flagd")
+    except PackageNotFoundError:
+        out["flagd"] = "unknown"
+    out["kernel"] = platform.release()
+    return out
+
+
+class Manifest:
+    """The run's manifest, kept in memory and rewritten atomically after every session."""
+
+    def __init__(self, settings: Settings, programs: list[str]) -> None:
+        s = asdict(settings)
+        s["out"] = str(settings.out)
+        self.doc: dict = {
+            "format": FORMAT,
+            "created": _now(),
+            "finished": None,
+            "interrupted": False,
+            "seed": settings.seed,
+            "settings": s,
+            "host": {"machine": platform.machine(), "cpus": os.cpu_count()},
+            "versions": versions(programs),
+            "apps": {
+                name: {"class": APPS[name].label, "plaintext_start": APPS[name].plaintext_start}
+                for name in sorted({a for c in settings.classes for a in CLASSES[c]})
+                if not settings.apps or name in settings.apps
+            },
+            "lab": {},
+            "sessions": [],
+            "summary": {},
+        }
+        self.path = settings.out / MANIFEST
+        self.lock = threading.Lock()
+
+    def add(self, record: dict) -> None:
+        with self.lock:
+            self.doc["sessions"].append(record)
+            self.doc["summary"] = summarize(self.doc["sessions"], self.doc["settings"]["clients"])
+            self.write()
+
+    def write(self) -> None:
+        tmp = self.path.with_suffix(".json.part")
+        tmp.write_text(json.dumps(self.doc, indent=1, sort_keys=False) + "\n")
+        tmp.replace(self.path)
+
+
+def summarize(sessions: list[dict], clients: int = 1) -> dict:
+    """Per class: sessions kept and rejected, flows kept, session seconds and flows per minute.
+
+    Flows per minute count the wall time of the sessions themselves (capture start to stop),
+    divided over the clients that ran at once; server start-up is excluded.
+    """
+    out: dict[str, dict] = {}
+    for s in sessions:
+        c = out.setdefault(
+            s["class"], {"sessions": 0, "rejected": 0, "flows": 0, "seconds": 0.0, "packets": 0}
+        )
+        c["seconds"] += s["seconds"]
+        if s["valid"]:
+            c["sessions"] += 1
+            c["flows"] += len(s["flows"])
+            c["packets"] += s["packets"]
+        else:
+            c["rejected"] += 1
+    for c in out.values():
+        c["seconds"] = round(c["seconds"], 2)
+        minutes = c["seconds"] / max(clients, 1) / 60
+        c["flows_per_minute"] = round(c["flows"] / minutes, 2) if minutes else 0.0
+        per_session = c["flows"] / c["sessions"] if c["sessions"] else 0.0
+        # sessions (and minutes) a run needs for 500 kept flows of this class
+        c["sessions_for_500_flows"] = int(-(-500 // per_session)) if per_session else None
+        c["minutes_for_500_flows"] = (
+            round(500 / c["flows_per_minute"], 1) if c["flows_per_minute"] else None
+        )
+    return out
+
+
+def run_session(
+    ctx: RunContext, client: Client, job: Job, settings: Settings
+) -> tuple[dict, object | None]:
+    """One session: shape, capture, run the client, validate. (manifest record, frames to keep)."""
+    lab = ctx.lab
+    app = APPS[job.app]()
+    lab.check_processes()
+    lab.shape(client, job.params.get("rate_mbit", DEFAULT_RATE_MBIT))
+    started = time.time()
+    rec = Recorder(client.ns, client.ifname)
+    try:
+        rc = app.session(ctx, client, job.params)
+        time.sleep(DRAIN_SECONDS)
+    finally:
+        frames, drops = rec.stop()
+    seconds = time.time() - started
+    stats = session_stats(frames)
+    reason = validate(rc, stats, settings.rules)
+    if reason is None and drops:
+        reason = f"capture dropped {drops} packets"
+    kept = keep_first(frames, settings.keep_packets) if reason is None else None
+    record = {
+        "id": job.id,
+        "class": job.label,
+        "app": job.app,
+        "tunnel": job.tunnel,
+        "client": client.index,
+        "pcap": f"{job.label}/{job.id}.pcap" if reason is None else None,
+        "params": job.params,
+        "started": datetime.fromtimestamp(started, UTC).isoformat(),
+        "seconds": round(seconds, 3),
+        "returncode": rc,
+        "valid": reason is None,
+        "reason": reason,
+        "packets": stats.packets,
+        "bytes": stats.bytes,
+        "kept_packets": len(kept) if kept is not None else 0,
+        "entropy": round(stats.entropy, 3),
+        "flows": [asdict(f) for f in stats.flows],
+    }
+    return record, kept
+
+
+def generate(settings: Settings, progress: Callable[[dict], None] | None = None) -> dict:
+    """Run the whole generation; returns the manifest document. Everything is torn down on
+    return, on exceptions, on Ctrl-C and on SIGTERM (turned into KeyboardInterrupt)."""
+    apps = check_settings(settings)
+    programs = expand(p for a in apps for p in a.programs)
+    jobs = plan(settings)
+    settings.out.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(settings, programs)
+    manifest.write()
+    restore = _sigterm_as_interrupt()
+    try:
+        with build_lab(settings.clients) as lab:
+            manifest.doc["lab"] = {
+                "router": lab.router,
+                "server": lab.server,
+                "server_addr": lab.server_addr,
+                "clients": [{"ns": c.ns, "iface": c.ifname, "addr": c.addr} for c in lab.clients],
+                "offloads_off": lab.offloads_off,
+            }
+            ctx = RunContext(
+                lab,
+                make_pki(lab.state / "pki"),
+                random.Random(settings.seed + 1),
+                random_ports=settings.random_ports,
+                session_seconds=settings.seconds,
+            )
+            for app in dict.fromkeys(apps):
+                app().start(ctx)
+            manifest.doc["ports"] = ctx.ports
+            manifest.write()
+            _run_jobs(ctx, jobs, settings, manifest, progress)
+    except KeyboardInterrupt:
+        manifest.doc["interrupted"] = True
+        raise
+    finally:
+        manifest.doc["finished"] = _now()
+        manifest.write()
+        restore()
+    return manifest.doc
+
+
+def _run_jobs(
+    ctx: RunContext,
+    jobs: list[Job],
+    settings: Settings,
+    manifest: Manifest,
+    progress: Callable[[dict], None] | None,
+) -> None:
+    lab = ctx.lab
+    todo = list(reversed(jobs))
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def worker(client: Client) -> None:
+        while not stop.is_set():
+            with lock:
+                if not todo:
+                    return
+                job = todo.pop()
+            try:
+                record, kept = run_session(ctx, client, job, settings)
+                if kept is not None:
+                    path = settings.out / record["pcap"]
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    write_pcap(path, kept)
+                manifest.add(record)
+                if progress:
+                    progress(record)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+                errors.append(exc)
+                stop.set()
+                return
+
+    if len(lab.clients) == 1:
+        worker(lab.clients[0])  # in the main thread: Ctrl-C lands right here
+    else:
+        threads = [threading.Thread(target=worker, args=(c,), daemon=True) for c in lab.clients]
+        for t in threads:
+            t.start()
+        try:
+            for t in threads:
+                while t.is_alive():
+                    t.join(0.2)
+        except KeyboardInterrupt:
+            stop.set()
+            raise
+    if errors:
+        raise errors[0]
+
+
+def _sigterm_as_interrupt() -> Callable[[], None]:
+    """Make SIGTERM unwind like Ctrl-C (teardown runs); returns the function that undoes it."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    owner = os.getpid()
+
+    def handler(signum, frame):  # noqa: ARG001
+        if os.getpid() != owner:  # a forked helper (pyroute2) inherited this handler: just go
+            os._exit(128 + signum)
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, old)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
