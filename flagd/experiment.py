@@ -89,8 +89,9 @@ def split_grouped(ds: Dataset, seed: int) -> dict[str, np.ndarray]:
             for g in groups:
                 g_rows = rows[ds.source[rows] == g]
                 g_rows = g_rows[np.argsort(ds.start[g_rows], kind="stable")]
-                # Blocks of ~50 flows in time order, dealt to the splits in proportion.
-                blocks = np.array_split(g_rows, max(1, len(g_rows) // 50))
+                # Blocks of ~50 flows in time order (at least 10 blocks), dealt to the splits
+                # in proportion.
+                blocks = np.array_split(g_rows, min(len(g_rows), max(10, len(g_rows) // 50)))
                 order = rng.permutation(len(blocks))
                 for name, chunk in zip(SPLITS, _cut(order, SHARES), strict=True):
                     for b in chunk:

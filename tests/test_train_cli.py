@@ -1,0 +1,112 @@
+"""`flagd train`, `dataset build`, `vocab build` and `evaluate` end to end on a tiny crafted tree."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import jsonschema
+import numpy as np
+import pytest
+from scapy.layers.inet import IP, TCP, UDP
+from typer.testing import CliRunner
+
+from flagd.cli import app
+from flagd.evaluate import REPORT_SCHEMA
+from flagd.frames import LINKTYPE_ETHERNET
+from tests import crafted
+
+runner = CliRunner()
+
+
+def flows_of(kind: str, n: int, seed: int) -> list[crafted.Record]:
+    """n flows of one made-up application, each with 6 packets of its own byte patterns."""
+    rng = random.Random(seed)
+    recs, t = [], 1_700_000_000.0 + seed
+    for i in range(n):
+        c, s = f"198.51.100.{1 + i % 250}", "203.0.113.5"
+        for k in range(6):
+            t += 0.01
+            if kind == "tls":
+                l4 = TCP(sport=30000 + i, dport=443, flags="PA") / (b"\x17\x03\x03" + rng.randbytes(60))
+            elif kind == "rtp":
+                l4 = UDP(sport=40000 + i, dport=3478) / (b"\x80\x78" + rng.randbytes(2) + b"\x00" * 20)
+            else:
+                l4 = TCP(sport=50000 + i, dport=22, flags="PA") / (b"SSH-2.0-OpenSSH_9" + rng.randbytes(20))
+            ip = IP(src=c, dst=s) if k % 2 == 0 else IP(src=s, dst=c)
+            if k % 2:
+                l4.sport, l4.dport = l4.dport, l4.sport
+            recs.append(crafted.Record(t, crafted.ether(ip / l4)))
+    return recs
+
+
+def make_tree(root):
+    for cls, kind in (("chat", "ssh"), ("streaming", "tls"), ("voip", "rtp")):
+        (root / cls).mkdir(parents=True)
+        for part in range(2):
+            crafted.write_pcap(root / cls / f"{part}.pcap", flows_of(kind, 30, seed=part * 7 + len(cls)),
+                               LINKTYPE_ETHERNET)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One `flagd train` run on the tiny tree (both modes), shared by the tests below."""
+    root = tmp_path_factory.mktemp("train")
+    tree = make_tree(root / "tree")
+    out = root / "run"
+    r = runner.invoke(app, ["train", str(tree), "-o", str(out), "--preset", "tiny", "--max-len", "48",
+                            "--vocab-size", "512", "--pretrain-epochs", "1", "--finetune-epochs", "3",
+                            "--batch-size", "16"])
+    assert r.exit_code == 0, r.output
+    return tree, out, r.output
+
+
+def test_train_runs_the_protocol_and_writes_reports(trained):
+    tree, out, output = trained
+    report = json.loads((out / "report.json").read_text())
+    names = {(row["name"], row["labels"]) for row in report["rows"]}
+    for mode in ("paper", "honest"):
+        for variant in ("flag", "no-pretrain", "bytes-only"):
+            for frac in (1.0, 0.1):
+                assert (f"{mode}: {variant}", frac) in names
+                run_report = json.loads((out / mode / f"{variant}-{int(frac * 100)}" / "report.json").read_text())
+                jsonschema.validate(run_report, REPORT_SCHEMA)
+                assert run_report["n_flows"] > 0
+    split = json.loads((out / "paper" / "split.json").read_text())
+    sets = [set(v) for v in split.values()]
+    assert all(not (a & b) for i, a in enumerate(sets) for b in sets[i + 1:])  # disjoint
+    assert (out / "paper" / "flag-100" / "model" / "bundle.json").exists()
+    assert "Comparison" in output and "0.9865" in output  # the paper's figure alongside
+
+
+def test_dataset_vocab_evaluate_commands(tmp_path):
+    tree = make_tree(tmp_path / "tree")
+    ds = tmp_path / "ds.npz"
+    r = runner.invoke(app, ["dataset", "build", str(tree), "-o", str(ds)])
+    assert r.exit_code == 0, r.output
+    assert "180 flows in 3 classes" in r.output
+    from flagd.dataset import Dataset
+
+    d = Dataset.load(ds)
+    assert d.classes == ["chat", "streaming", "voip"] and len(d) == 180
+    assert all(len(f) == 5 for f in d.flows)  # K relevant packets each
+    assert np.bincount(d.labels).tolist() == [60, 60, 60]
+    r = runner.invoke(app, ["vocab", "build", str(ds), "-o", str(tmp_path / "v.json"), "--size", "600"])
+    assert r.exit_code == 0, r.output
+    assert "bytes covered" in r.output
+    r = runner.invoke(app, ["dataset", "build", str(tmp_path / "missing"), "-o", str(ds)])
+    assert r.exit_code == 1 and "missing" in r.output
+
+
+def test_evaluate_writes_report_and_heatmap(trained, tmp_path):
+    tree, out, _ = trained
+    model = out / "paper" / "flag-100" / "model"
+    rep = tmp_path / "eval.json"
+    r = runner.invoke(app, ["evaluate", str(model), str(tree), "--json", str(rep)])
+    assert r.exit_code == 0, r.output
+    report = json.loads(rep.read_text())
+    jsonschema.validate(report, REPORT_SCHEMA)
+    assert report["n_flows"] == 180
+    assert sum(map(sum, report["confusion"])) == 180
+    assert rep.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
