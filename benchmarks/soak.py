@@ -1,0 +1,111 @@
+"""Soak: `flagd run` on a veth pair at a steady rate for 10 minutes; does memory grow?
+
+A TX-ring sender in the peer namespace (tests/floodgen.py) sends one packet per new flow at a
+steady rate (random 5-tuples with payload, so every flow is classified when it goes idle), and
+real TLS connections run every few seconds beside it. The daemon runs with default limits
+(idle timeout 120 s), so its flow table fills for two minutes and then holds steady: the
+warm-up. Resident memory (VmRSS) is sampled every 10 s; after the warm-up a least-squares line
+through the samples gives the slope. Baseline for the ratio: the RSS at the end of the warm-up.
+
+    python benchmarks/soak.py [--minutes 10] [--warmup 3] [--rate 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests import floodgen  # noqa: E402
+
+MiB = 1 << 20
+
+
+def machine() -> str:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
+                if ln.startswith("model name")), "unknown cpu")
+    return f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}, Python {platform.python_version()}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--warmup", type=float, default=3.0, help="minutes left out of the slope")
+    p.add_argument("--rate", type=float, default=1000.0, help="new flows (frames) per second")
+    p.add_argument("--every", type=float, default=10.0, help="seconds between memory samples")
+    p.add_argument("--json", type=Path)
+    a = p.parse_args()
+    from tests.netns import netns_unavailable, veth_pair
+
+    if why := netns_unavailable():
+        sys.exit(f"soak: {why}")
+    print(f"machine: {machine()}")
+    seconds = a.minutes * 60
+    with tempfile.TemporaryDirectory(prefix="flagd-soak-") as tmp, veth_pair(root_end=True) as pair:
+        work = Path(tmp)
+        bundle = floodgen.tiny_bundle(work / "bundle")
+        log = work / "events.jsonl"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flagd", "run", "--iface", pair.a.ifname, "--model", str(bundle),
+             "--log", str(log), "--no-dashboard", "--stats-interval", "10"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        while not log.exists():
+            if proc.poll() is not None:
+                sys.exit(proc.stderr.read())
+            time.sleep(0.05)
+        rss = floodgen.PeakRss(proc.pid, every=a.every)
+        t0 = time.monotonic()
+        gen = pair.popen(pair.b, [sys.executable, floodgen.__file__, "send", pair.b.ifname,
+                                  "random", str(int(a.rate * seconds)), str(a.rate)],
+                         stdout=subprocess.PIPE, text=True)
+        tls = 0
+        while gen.poll() is None:
+            pair.run_tls(conns=2, msgs=3, size=300, port=8443 + tls % 100)
+            tls += 2
+            time.sleep(5)
+        sent = json.loads(gen.communicate()[0])
+        proc.send_signal(signal.SIGTERM)
+        err = proc.stderr.read()
+        code = proc.wait()
+        peak = rss.stop()
+        stats = [json.loads(ln)["stats"] for ln in log.read_text().splitlines()
+                 if '"event_type":"stats"' in ln]
+    samples = [(t - t0, r / MiB) for t, r in rss.samples if t >= t0]
+    warm = [(t, r) for t, r in samples if t >= a.warmup * 60]
+    tt = np.array([t for t, _ in warm]) / 60
+    rr = np.array([r for _, r in warm])
+    slope = float(np.polyfit(tt, rr, 1)[0]) if len(warm) >= 3 else float("nan")
+    final = stats[-1] if stats else {}
+    print(f"daemon exit {code}{'; stderr: ' + err.strip()[-300:] if err.strip() else ''}")
+    print(f"sender: {sent['sent']:,} frames (one new flow each) in {sent['seconds']:.0f} s "
+          f"({sent['sent'] / sent['seconds']:,.0f}/s); {tls} TLS connections beside them")
+    print("RSS samples (s, MiB): " + ", ".join(f"{t:.0f}:{r:.1f}" for t, r in samples))
+    if warm:
+        print(f"after the {a.warmup:g}-minute warm-up: {len(warm)} samples, RSS {rr[0]:.1f} -> "
+              f"{rr[-1]:.1f} MiB (min {rr.min():.1f}, max {rr.max():.1f}); ratio last/first "
+              f"{rr[-1] / rr[0]:.3f}")
+        print(f"slope: {slope:+.3f} MiB/min = {slope * 60:+.1f} MiB/hour; peak (VmHWM) {peak / MiB:.1f} MiB")
+    d = final.get("drops", {})
+    print(f"final stats: flows {final.get('flows', 0):,}  packets {final.get('packets', 0):,}  "
+          f"classified {final.get('classified', 0):,}  drops {d}  "
+          f"max queues {max((s['queues']['events'] for s in stats), default=0)} events, "
+          f"{max((s['queues']['flows'] for s in stats), default=0)} flow chunks")
+    if a.json:
+        a.json.write_text(json.dumps({"machine": machine(), "samples": samples, "slope_mib_per_min": slope,
+                                      "peak_mib": peak / MiB, "final": final}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
