@@ -1,0 +1,479 @@
+"""The traffic lab: topology, teardown, stale cleanup, doctor, validation, pcap output, manifest,
+and a smoke run of every plain class whose Debian programs are installed.
+
+Everything except the smoke test runs without the lab's Debian packages: the generation tests
+use a stand-in app (a Python TLS echo server and client, the same machinery as a real app).
+Namespace tests need root (CI is root) and skip with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from flagd.capture import list_interfaces
+from flagd.frames import Frames
+from flagd.lab import apps, doctor, topology
+from flagd.lab.apps import App, RunContext, wait_tcp
+from flagd.lab.cli import Exit, lab_app
+from flagd.lab.generate import FORMAT, Settings, generate, plan, summarize
+from flagd.lab.record import (
+    Rules,
+    keep_first,
+    session_stats,
+    validate,
+    write_pcap,
+)
+from flagd.lab.topology import SERVER_ADDR, build_lab, is_lab_address, lab_namespaces, reap_stale
+from flagd.source import read_capture
+from tests import crafted
+
+ROOT = Path(__file__).resolve().parents[1]
+why_no_netns = topology.netns_unavailable()
+netns = pytest.mark.skipif(why_no_netns is not None, reason=why_no_netns or "")
+DOC_NETS = [ipaddress.ip_network(n) for n in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24")]
+
+
+def own_namespaces() -> list[str]:
+    return [ns for ns in lab_namespaces() if ns.split("-")[1] == str(os.getpid())]
+
+
+# -- a stand-in app: TLS echo in Python, so generation is tested without Debian packages -------
+
+SERVER = """
+import socket, ssl, sys, threading
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(sys.argv[3], sys.argv[4])
+srv = socket.create_server((sys.argv[1], int(sys.argv[2])))
+def serve(conn):
+    with conn:
+        try:
+            s = conn if sys.argv[5] == "1" else ctx.wrap_socket(conn, server_side=True)
+            while data := s.recv(65536):
+                s.sendall(data)
+        except OSError:
+            pass
+while True:
+    threading.Thread(target=serve, args=(srv.accept()[0],), daemon=True).start()
+"""
+
+CLIENT = """
+import os, socket, ssl, sys
+host, port, ca, n, plain = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1"
+sock = socket.create_connection((host, port), timeout=10)
+if not plain:
+    sock = ssl.create_default_context(cafile=ca).wrap_socket(sock, server_hostname=host)
+for k in range(n):
+    msg = (b"hello lab, this is plain text " * 8) if plain else os.urandom(300)
+    sock.sendall(msg)
+    got = b""
+    while len(got) < len(msg):
+        got += sock.recv(65536)
+sys.exit(0 if plain or got else 1)
+"""
+
+
+class EchoTls(App):
+    label = "test-echo"
+    name = "tls-echo"
+    programs = ("openssl",)
+    plaintext = False
+
+    def start(self, ctx: RunContext) -> None:
+        if self.name in ctx.shared:
+            return
+        script = ctx.lab.state / "echo_server.py"
+        script.write_text(SERVER)
+        port = ctx.port(8080 if self.plaintext else 8443, self.name)
+        argv = [sys.executable, str(script), SERVER_ADDR, str(port), str(ctx.pki.chain)]
+        argv += [str(ctx.pki.key), "1" if self.plaintext else "0"]
+        proc = ctx.lab.popen(ctx.lab.server, argv, log=self.name)
+        wait_tcp(ctx.lab, port, proc=proc)
+        ctx.shared[self.name] = port
+
+    def params(self, rng, seconds):
+        return {"messages": rng.randint(5, 15)}
+
+    def session(self, ctx, client, params):
+        script = ctx.lab.state / "echo_client.py"
+        script.write_text(CLIENT)
+        argv = [sys.executable, str(script), SERVER_ADDR, str(ctx.shared[self.name])]
+        argv += [str(ctx.pki.ca), str(params["messages"]), "1" if self.plaintext else "0"]
+        return ctx.lab.run(client.ns, argv, timeout=30).returncode
+
+
+class EchoPlain(EchoTls):
+    """The same echo without TLS: its sessions must be rejected as not encrypted."""
+
+    label = "test-plain"
+    name = "plain-echo"
+    plaintext = True
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    for app in (EchoTls, EchoPlain):
+        monkeypatch.setitem(apps.APPS, app.name, app)
+        monkeypatch.setitem(apps.CLASSES, app.label, [app.name])
+
+
+# -- topology ------------------------------------------------------------------------------------
+
+
+@netns
+def test_topology_addresses_routes_and_reachability():
+    with build_lab(2) as lab:
+        assert set(own_namespaces()) == set(lab.namespaces)
+        for ns in lab.namespaces:
+            for addr in topology.addresses(ns):
+                assert any(ipaddress.ip_address(addr) in net for net in DOC_NETS), (ns, addr)
+            for dst, _gw in topology.routes(ns):
+                assert dst != "0.0.0.0/0", f"default route in {ns}"
+        assert topology.addresses(lab.server) == [SERVER_ADDR]
+        assert {c.addr for c in lab.clients} == {"192.0.2.2", "192.0.2.6"}
+        assert lab.offloads_off
+        # a TCP connection from each client to the server crosses the router
+        with topology.in_netns(lab.server):
+            srv = socket.create_server((SERVER_ADDR, 7000))
+        with srv:
+            for c in lab.clients:
+                with topology.in_netns(c.ns):
+                    cli = socket.socket()
+                cli.settimeout(5)
+                cli.connect((SERVER_ADDR, 7000))
+                conn, peer = srv.accept()
+                assert peer[0] == c.addr  # no NAT anywhere
+                conn.close()
+                cli.close()
+    assert own_namespaces() == []
+    assert not list(Path("/tmp").glob(f"flagdlab-{os.getpid()}-*"))
+
+
+@netns
+def test_nothing_in_the_callers_namespace():
+    before = {link.name for link in list_interfaces()}
+    with build_lab(1):
+        during = {link.name for link in list_interfaces()}
+    assert during == before
+
+
+@netns
+def test_teardown_kills_processes_including_escaped_daemons():
+    with build_lab(1) as lab:
+        lab.popen(lab.server, ["sleep", "300"])
+        # a daemon that double-forks out of its process group: found through its namespace
+        lab.run(lab.server, ["sh", "-c", "setsid sleep 301 >/dev/null 2>&1 &"])
+        time.sleep(0.3)
+        pids = topology.namespace_pids(lab.server)
+        assert len(pids) >= 2
+    time.sleep(0.2)
+    assert not [p for p in pids if Path(f"/proc/{p}").exists()]
+    assert own_namespaces() == []
+
+
+@netns
+def test_teardown_on_exception():
+    with pytest.raises(RuntimeError, match="boom"), build_lab(1) as lab:
+        lab.popen(lab.server, ["sleep", "300"])
+        raise RuntimeError("boom")
+    assert own_namespaces() == []
+
+
+@netns
+def test_crashed_server_is_reported():
+    with build_lab(1) as lab:
+        lab.popen(lab.server, ["sh", "-c", "exit 3"])
+        time.sleep(0.3)
+        with pytest.raises(topology.LabError, match="exited with status 3"):
+            lab.check_processes()
+
+
+@netns
+def test_second_run_cleans_up_after_a_killed_run(tmp_path):
+    script = textwrap.dedent(
+        """
+        import sys, time
+        from flagd.lab.topology import build_lab
+        with build_lab(1) as lab:
+            lab.popen(lab.server, ["sleep", "300"])
+            print(lab.tag, flush=True)
+            time.sleep(300)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    tag = proc.stdout.readline().strip()
+    assert tag.startswith("flagdlab-")
+    mine = [ns for ns in lab_namespaces() if ns.startswith(tag + "-")]
+    assert len(mine) == 3
+    pids = topology.namespace_pids(f"{tag}-srv")
+    proc.send_signal(signal.SIGKILL)  # no teardown runs
+    proc.wait()
+    assert [ns for ns in lab_namespaces() if ns.startswith(tag + "-")] == mine
+    removed = reap_stale()
+    assert set(mine) <= set(removed)
+    assert not [ns for ns in lab_namespaces() if ns.startswith(tag + "-")]
+    time.sleep(0.2)
+    assert not [p for p in pids if Path(f"/proc/{p}").exists()]
+    assert not list(Path("/tmp").glob(f"{tag}-*"))
+
+
+@netns
+def test_sigterm_tears_down(tmp_path, stand_in):
+    out = tmp_path / "run"
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from pathlib import Path
+        from tests.test_lab import EchoTls
+        from flagd.lab import apps
+        from flagd.lab.generate import Settings, generate
+        apps.APPS[EchoTls.name] = EchoTls
+        apps.CLASSES[EchoTls.label] = [EchoTls.name]
+        try:
+            generate(Settings(out=Path({str(out)!r}), classes=("test-echo",), sessions=1000),
+                     lambda rec: print("session", flush=True))
+        except KeyboardInterrupt:
+            sys.exit(130)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "session"
+    tag = f"flagdlab-{proc.pid}-"
+    assert [ns for ns in lab_namespaces() if ns.startswith(tag)]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 130
+    assert not [ns for ns in lab_namespaces() if ns.startswith(tag)]
+    doc = json.loads((out / "manifest.json").read_text())
+    assert doc["interrupted"] is True and doc["finished"]
+    assert doc["sessions"] and all(s["valid"] for s in doc["sessions"])
+
+
+# -- generation with the stand-in app ----------------------------------------------------------
+
+
+@netns
+def test_generate_writes_valid_captures_and_manifest(tmp_path, stand_in):
+    out = tmp_path / "run"
+    settings = Settings(out=out, classes=("test-echo", "test-plain"), sessions=2, seed=7)
+    doc = generate(settings)
+    assert own_namespaces() == []
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk == json.loads(json.dumps(doc))
+    assert doc["format"] == FORMAT and doc["seed"] == 7 and doc["finished"]
+    assert doc["versions"]["flagd"] and doc["versions"]["kernel"]
+    assert doc["lab"]["offloads_off"] is True
+    assert doc["ports"] == {"tls-echo": 8443, "plain-echo": 8080}
+    by_class = {c: [s for s in doc["sessions"] if s["class"] == c] for c in settings.classes}
+    assert len(by_class["test-echo"]) == 2 and len(by_class["test-plain"]) == 2
+    for s in by_class["test-echo"]:
+        assert s["valid"] and s["returncode"] == 0 and s["entropy"] > 7
+        assert s["params"]["messages"] >= 5
+        pcap = out / s["pcap"]
+        assert pcap.parent.name == "test-echo"
+        frames = list(read_capture(pcap))
+        packets = sum(len(f) for f in frames)
+        assert packets == s["kept_packets"] == s["packets"]
+        (flow,) = s["flows"]
+        assert (flow["dst"], flow["dport"], flow["proto"]) == (SERVER_ADDR, 8443, 6)
+        assert is_lab_address(flow["src"])
+    for s in by_class["test-plain"]:
+        assert not s["valid"] and s["pcap"] is None
+        assert "does not look encrypted" in s["reason"]
+    assert not (out / "test-plain").exists()
+    summary = doc["summary"]["test-echo"]
+    assert summary["sessions"] == 2 and summary["flows"] == 2 and summary["rejected"] == 0
+    assert summary["flows_per_minute"] > 0 and summary["sessions_for_500_flows"] == 500
+    assert doc["summary"]["test-plain"]["rejected"] == 2
+
+
+@netns
+def test_generate_with_parallel_clients(tmp_path, stand_in):
+    doc = generate(Settings(out=tmp_path, classes=("test-echo",), sessions=6, clients=3))
+    assert {s["client"] for s in doc["sessions"]} == {0, 1, 2}
+    assert all(s["valid"] for s in doc["sessions"])
+    srcs = {s["flows"][0]["src"] for s in doc["sessions"]}
+    assert srcs == {"192.0.2.2", "192.0.2.6", "192.0.2.10"}
+    assert len(list((tmp_path / "test-echo").glob("*.pcap"))) == 6
+
+
+def test_plan_is_deterministic_and_interleaved(stand_in):
+    s = Settings(out=Path("/nonexistent"), classes=("test-echo", "test-plain"), sessions=20, seed=3)
+    a, b = plan(s), plan(s)
+    assert [(j.id, j.params) for j in a] == [(j.id, j.params) for j in b]
+    assert [j.id for j in plan(replace(s, seed=4))] != [j.id for j in a]
+    assert len(a) == 40 and len({j.id for j in a}) == 40
+    first_half = [j.label for j in a[:20]]
+    assert 0 < first_half.count("test-echo") < 20  # classes are shuffled together
+
+
+def test_summary_figures():
+    sessions = [
+        {"class": "x", "seconds": 30.0, "valid": True, "flows": [{}, {}], "packets": 10},
+        {"class": "x", "seconds": 30.0, "valid": False, "flows": [{}], "packets": 5},
+    ]
+    (x,) = summarize(sessions).values()
+    assert x["flows"] == 2 and x["rejected"] == 1 and x["flows_per_minute"] == 2.0
+    assert x["sessions_for_500_flows"] == 250 and x["minutes_for_500_flows"] == 250.0
+    assert summarize(sessions, clients=2)["x"]["flows_per_minute"] == 4.0
+
+
+# -- doctor and missing programs -----------------------------------------------------------------
+
+
+def test_doctor_all_installed(monkeypatch):
+    for name, req in list(doctor.REQUIREMENTS.items()):
+        monkeypatch.setitem(
+            doctor.REQUIREMENTS, name, doctor.Requirement(name, req.package, lambda: True)
+        )
+    res = CliRunner().invoke(lab_app, ["doctor"])
+    assert "prosody" in res.output and "MISSING" not in res.output
+    assert "every program the lab needs is installed" in res.output
+    assert res.exit_code == (Exit.OK if why_no_netns is None else Exit.ERROR)
+
+
+def test_doctor_prints_one_apt_line_for_what_is_missing(monkeypatch):
+    for name in ("prosody", "swaks", "perl IO::Socket::SSL"):
+        req = doctor.REQUIREMENTS[name]
+        monkeypatch.setitem(
+            doctor.REQUIREMENTS, name, doctor.Requirement(name, req.package, lambda: False)
+        )
+    res = CliRunner().invoke(lab_app, ["doctor"])
+    assert res.exit_code == Exit.MISSING
+    apt = [line.strip() for line in res.output.splitlines() if line.strip().startswith("apt-get")]
+    assert len(apt) == 1
+    assert apt[0].split()[4:] == sorted(["libio-socket-ssl-perl", "prosody", "swaks"])
+    assert "MISSING  prosody" in res.output
+
+
+def test_generate_fails_with_the_apt_line_when_programs_are_missing(monkeypatch, tmp_path):
+    req = doctor.REQUIREMENTS["sshd"]
+    monkeypatch.setitem(
+        doctor.REQUIREMENTS, "sshd", doctor.Requirement("sshd", req.package, lambda: False)
+    )
+    before = lab_namespaces()
+    res = CliRunner().invoke(
+        lab_app, ["generate", "--out", str(tmp_path / "o"), "--classes", "file-transfer"]
+    )
+    assert res.exit_code == Exit.MISSING
+    assert "apt-get install -y --no-install-recommends openssh-server" in res.output
+    assert lab_namespaces() == before
+
+
+def test_unknown_class_and_unbuilt_tunnel_are_errors(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(lab_app, ["generate", "--out", str(tmp_path), "--classes", "gaming"])
+    assert res.exit_code == Exit.ERROR and "unknown class 'gaming'" in res.output
+    res = runner.invoke(lab_app, ["generate", "--out", str(tmp_path), "--tunnel", "openvpn"])
+    assert res.exit_code == Exit.ERROR and "not available yet" in res.output
+
+
+# -- validation, pcap output, per-flow cut --------------------------------------------------------
+
+
+def frames_of(
+    payloads: list[bytes], src: str = "192.0.2.2", dst: str = "203.0.113.2", sport: int = 40000
+) -> Frames:
+    from scapy.layers.inet import IP, TCP
+    from scapy.packet import Raw
+
+    recs = []
+    for k, p in enumerate(payloads):
+        a, b, sp, dp = (src, dst, sport, 443) if k % 2 == 0 else (dst, src, 443, sport)
+        frame = crafted.ether(IP(src=a, dst=b) / TCP(sport=sp, dport=dp, flags="PA") / Raw(p))
+        recs.append((1000.0 + k * 0.001, frame, len(frame), 1))
+    return Frames.from_records(recs)
+
+
+def random_payloads(n: int, size: int = 200, seed: int = 0) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, size, np.uint8).tobytes() for _ in range(n)]
+
+
+def test_validation_accepts_an_encrypted_lab_session():
+    stats = session_stats(frames_of(random_payloads(20)))
+    assert stats.packets == 20 and len(stats.flows) == 1 and stats.foreign == []
+    assert stats.flows[0].packets == 20 and stats.flows[0].payload == 4000
+    assert stats.entropy > 7.5
+    assert validate(0, stats) is None
+
+
+def test_validation_rejects_bad_sessions():
+    good = frames_of(random_payloads(20))
+    assert validate(1, session_stats(good)) == "client exited with status 1"
+    plain = frames_of([b"EHLO client.lab.test\r\nMAIL FROM:<a@lab.test>\r\n" * 4] * 20)
+    assert "does not look encrypted" in validate(0, session_stats(plain))
+    few = frames_of(random_payloads(4))
+    assert "only 4 packets" in validate(0, session_stats(few))
+    outside = frames_of(random_payloads(20), dst="8.8.8.8")
+    assert "outside the lab's ranges: 8.8.8.8" in validate(0, session_stats(outside))
+    tiny = frames_of([b"\x17"] * 20)
+    assert "payload bytes" in validate(0, session_stats(tiny), Rules(min_payload=100))
+
+
+def test_pcap_round_trip(tmp_path):
+    frames = frames_of(random_payloads(7, 90))
+    frames.ts[:] = 1_700_000_000.123456789 + np.arange(7)
+    write_pcap(tmp_path / "s.pcap", frames)
+    (back,) = list(read_capture(tmp_path / "s.pcap"))
+    assert len(back) == 7
+    for i in range(7):
+        a = frames.data[frames.offset[i] : frames.offset[i] + frames.caplen[i]].tobytes()
+        b = back.data[back.offset[i] : back.offset[i] + back.caplen[i]].tobytes()
+        assert a == b
+    assert np.allclose(back.ts, frames.ts, atol=1e-6)
+    assert (back.wirelen == frames.wirelen).all()
+    assert not list(tmp_path.glob("*.part"))
+
+
+def test_keep_first_cuts_each_flow():
+    a = frames_of(random_payloads(10), sport=40000)
+    b = frames_of(random_payloads(3), sport=40001)
+    from flagd.lab.record import concat
+
+    both = concat([a, b])
+    kept = keep_first(both, 4)
+    assert len(kept) == 7  # 4 of the first flow, all 3 of the second
+    stats = session_stats(kept)
+    assert sorted(f.packets for f in stats.flows) == [3, 4]
+    assert len(keep_first(both, 0)) == 13
+
+
+# -- smoke: one short session per plain class whose programs are installed ---------------------
+
+
+PLAIN_CLASSES = ("chat", "email", "file-transfer", "streaming", "voip", "torrent")
+
+
+@netns
+@pytest.mark.slow
+@pytest.mark.parametrize("label", PLAIN_CLASSES)
+def test_smoke_one_session_per_class(label, tmp_path):
+    if label not in apps.CLASSES:
+        pytest.skip(f"class {label} is not built in the lab yet")
+    for name in apps.CLASSES[label]:
+        gone = doctor.missing(apps.APPS[name].programs)
+        if gone:
+            pytest.skip(f"{label}/{name} needs: {doctor.apt_line(gone)}")
+    n = len(apps.CLASSES[label])  # one session of every app of the class
+    doc = generate(Settings(out=tmp_path, classes=(label,), sessions=n, seconds=4, seed=1))
+    assert own_namespaces() == []
+    bad = [(s["id"], s["reason"]) for s in doc["sessions"] if not s["valid"]]
+    assert not bad
+    assert {s["app"] for s in doc["sessions"]} == set(apps.CLASSES[label])
+    for s in doc["sessions"]:
+        assert (tmp_path / s["pcap"]).stat().st_size > 1000
+        assert all(is_lab_address(f["src"]) and is_lab_address(f["dst"]) for f in s["flows"])
