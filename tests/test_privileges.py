@@ -68,11 +68,13 @@ def caps(status: str) -> dict[str, int]:
             (line.split(":", 1) for line in status.splitlines()) if k.startswith("Cap")}
 
 
-def daemon_threads(tmp_path: Path, bundle: Path) -> list[str]:
+@pytest.fixture(scope="module")
+def daemon_threads(tmp_path_factory, tiny_bundle) -> list[str]:
     """/proc status of every thread of `flagd run --user nobody` on lo, once it runs."""
     if os.geteuid() != 0:
         pytest.skip("needs root to change user")
-    log = tmp_path / "events.jsonl"
+    bundle = tiny_bundle
+    log = tmp_path_factory.mktemp("user") / "events.jsonl"
     proc = subprocess.Popen([sys.executable, "-m", "flagd", "run", "--iface", "lo", "--no-dashboard",
                              "--log", str(log), "--model", str(bundle), "--user", "nobody"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -92,10 +94,10 @@ def daemon_threads(tmp_path: Path, bundle: Path) -> list[str]:
     return statuses
 
 
-def test_user_option_leaves_no_capability_in_any_thread(tmp_path, tiny_bundle):
+def test_user_option_leaves_no_capability_in_any_thread(daemon_threads):
     """Capabilities are per thread: torch starts threads before the socket is opened, so every
     thread of the running daemon must have lost them, not only the main one."""
-    statuses = daemon_threads(tmp_path, tiny_bundle)
+    statuses = daemon_threads
     nobody = str(pwd.getpwnam("nobody").pw_uid)
     for st_ in statuses:
         c = caps(st_)
@@ -113,5 +115,5 @@ def _is_main(status: str) -> bool:
 
 @pytest.mark.xfail(strict=True, reason="no_new_privs is per thread: threads started before "
                    "drop_privileges (torch's, when the bundle loads) do not get it")
-def test_user_option_sets_no_new_privs_in_every_thread(tmp_path, tiny_bundle):
-    assert all("NoNewPrivs:\t1" in s for s in daemon_threads(tmp_path, tiny_bundle))
+def test_user_option_sets_no_new_privs_in_every_thread(daemon_threads):
+    assert all("NoNewPrivs:\t1" in s for s in daemon_threads)
