@@ -143,6 +143,37 @@ def fuzz_files(n: int, seed: int, crash_dir: Path, mutate_on: bool = True) -> Ta
     return t.done()
 
 
+def replay_ndpi(crash_dir: Path) -> Tally | None:
+    """Every capture of the nDPI test suite (543 files, fuzz-* among them): read, decode, meter."""
+    from flagd.flows import FlowSettings, FlowTable
+    from flagd.packets import DecodeError, decode
+    from flagd.source import read_capture
+    from tests.conftest import shared_data
+
+    d = shared_data() / "ndpi" / "pcap"
+    if not d.is_dir():
+        print(f"ndpi: no captures at {d}; skipped")
+        return None
+    t = Tally("ndpi", crash_dir)
+    cut = 0
+    for path in sorted(d.iterdir()):
+        table = FlowTable(FlowSettings())
+        try:
+            with read_capture(path) as cap:
+                for fr in cap:
+                    table.add(decode(fr))
+                cut += bool(cap.stats.problem)
+            table.flush()
+        except DecodeError:
+            t.refused += 1
+        except Exception as e:  # noqa: BLE001
+            t.escape(e, path.name.encode())
+        t.inputs += 1
+    print(f"ndpi: {t.inputs} captures, {cut} stopped early with a one-line problem, "
+          f"{t.refused} refused with DecodeError")
+    return t.done()
+
+
 # -- atheris (child process) ---------------------------------------------------------------------
 
 
@@ -220,6 +251,10 @@ def main() -> None:
     print("  " + tallies[-1].line(), flush=True)
     tallies.append(fuzz_files(a.files, a.seed, a.crashes))
     print("  " + tallies[-1].line(), flush=True)
+    t = replay_ndpi(a.crashes)
+    if t is not None:
+        tallies.append(t)
+        print("  " + t.line(), flush=True)
     if a.atheris:
         t = fuzz_atheris(a.atheris, a.crashes)
         if t is not None:
