@@ -557,6 +557,153 @@ class Scp(Sftp):
             _remove(gets, local.glob("*.bin"), files.glob("put*"))
 
 
+# -- streaming: nginx serving HLS over HTTPS, ffmpeg pulling at playback rate ------------------
+
+# (name, video size, video bitrate): the renditions a player can pick from
+_RENDITIONS = (
+    ("low", "426x240", "400k"),
+    ("mid", "640x360", "1000k"),
+    ("high", "960x540", "2500k"),
+)
+
+
+def _start_nginx(ctx: RunContext) -> int:
+    """nginx (HTTPS, HTTP/1.1) serving the run's HLS renditions and download files."""
+    if "nginx" in ctx.shared:
+        return ctx.shared["nginx"]
+    lab = ctx.lab
+    base = ctx.workdir("nginx")
+    www = ctx.workdir("nginx/www")
+    for sub in ("tmp", "logs"):
+        (base / sub).mkdir(exist_ok=True)
+    port = ctx.port(443, "https")
+    (base / "nginx.conf").write_text(
+        f"""worker_processes 1;
+pid {base}/nginx.pid;
+error_log stderr warn;
+events {{ worker_connections 256; }}
+http {{
+    types {{ application/vnd.apple.mpegurl m3u8; video/mp2t ts; application/octet-stream bin; }}
+    access_log off;
+    client_body_temp_path {base}/tmp/body;
+    proxy_temp_path {base}/tmp/proxy;
+    fastcgi_temp_path {base}/tmp/fastcgi;
+    uwsgi_temp_path {base}/tmp/uwsgi;
+    scgi_temp_path {base}/tmp/scgi;
+    sendfile on;
+    keepalive_timeout 30;
+    server {{
+        listen {SERVER_ADDR}:{port} ssl;
+        server_name {DOMAIN} *.{DOMAIN};
+        ssl_certificate {ctx.pki.chain};
+        ssl_certificate_key {ctx.pki.key};
+        root {www};
+    }}
+}}
+"""
+    )
+    _make_hls(ctx, www)
+    proc = lab.popen(
+        lab.server,
+        ["nginx", "-c", str(base / "nginx.conf"), "-p", str(base), "-g", "daemon off;"],
+        log="nginx",
+    )
+    wait_tcp(lab, port, proc=proc)
+    ctx.shared["nginx"] = port
+    return port
+
+
+def _make_hls(ctx: RunContext, www: Path) -> None:
+    """Encode a synthetic programme (moving test pattern with a tone) into HLS renditions of
+    2 s segments. Done once per run, niced: it is the lab's only CPU-heavy step."""
+    seconds = int(max(20, 3 * ctx.session_seconds))
+    for name, size, rate in _RENDITIONS:
+        out = www / "hls" / name
+        out.mkdir(parents=True, exist_ok=True)
+        argv = [
+            "nice", "ffmpeg", "-loglevel", "error", "-y",
+            "-f", "lavfi", "-i", f"testsrc2=size={size}:rate=25:duration={seconds}",
+            "-f", "lavfi", "-i", f"sine=frequency={ctx.rng.randint(200, 900)}:duration={seconds}",
+            "-c:v", "libx264", "-preset", "veryfast", "-b:v", rate, "-maxrate", rate,
+            "-bufsize", rate, "-g", "50", "-c:a", "aac", "-b:a", "96k", "-threads", "1",
+            "-f", "hls", "-hls_time", "2", "-hls_playlist_type", "vod",
+            "-hls_segment_filename", str(out / "seg%03d.ts"), str(out / "index.m3u8"),
+        ]  # fmt: skip
+        res = subprocess.run(argv, capture_output=True, text=True)
+        if res.returncode:
+            raise LabError(f"ffmpeg could not make the HLS rendition {name}: {res.stderr[-300:]}")
+
+
+class Hls(App):
+    """A viewer: ffmpeg plays an HLS rendition over HTTPS at playback rate (-re)."""
+
+    label = "streaming"
+    name = "hls-https"
+    programs = ("nginx", "ffmpeg")
+
+    def start(self, ctx: RunContext) -> None:
+        _start_nginx(ctx)
+
+    def params(self, rng: random.Random, seconds: float) -> dict:
+        return {
+            "rendition": rng.choice([r[0] for r in _RENDITIONS]),
+            "watch_seconds": round(seconds * rng.uniform(0.6, 1.0), 1),
+            "rate_mbit": rng.choice([5, 10, 20, 50]),
+        }
+
+    def session(self, ctx: RunContext, client: Client, params: dict) -> int:
+        port = ctx.shared["nginx"]
+        url = f"https://{SERVER_ADDR}:{port}/hls/{params['rendition']}/index.m3u8"
+        argv = [
+            "ffmpeg", "-nostdin", "-loglevel", "error", "-re", "-ca_file", str(ctx.pki.ca),
+            "-tls_verify", "1", "-i", url, "-t", str(params["watch_seconds"]),
+            "-c", "copy", "-f", "null", "-",
+        ]  # fmt: skip
+        return _client(ctx, client, argv, params)
+
+
+class HttpsDownload(App):
+    """curl downloading files over HTTPS (one connection, or one per file with --parallel) from
+    the same nginx as streaming: file transfer that is not SSH."""
+
+    label = "file-transfer"
+    name = "https-download"
+    programs = ("nginx", "ffmpeg", "curl")
+
+    def start(self, ctx: RunContext) -> None:
+        _start_nginx(ctx)
+
+    def params(self, rng: random.Random, seconds: float) -> dict:
+        rate = rng.choice([2, 5, 10, 20])
+        budget = rate * 1e6 / 8 * seconds
+        return {
+            "rate_mbit": rate,
+            "files": rng.randint(1, 3),
+            "file_kb": max(4, int(budget / 1024 / 3 * rng.uniform(0.1, 0.9))),
+            "parallel": rng.random() < 0.3,
+            "seed": rng.randrange(1 << 30),
+        }
+
+    def session(self, ctx: RunContext, client: Client, params: dict) -> int:
+        port = ctx.shared["nginx"]
+        rng = random.Random(params["seed"])
+        files = ctx.workdir("nginx/www/files")
+        names = []
+        for k in range(params["files"]):
+            path = files / f"c{client.index}-{k}.bin"
+            path.write_bytes(rng.randbytes(int(params["file_kb"] * 1024 * rng.uniform(0.5, 1.5))))
+            path.chmod(0o644)
+            names.append(path)
+        argv = ["curl", "--silent", "--show-error", "--fail", "--cacert", str(ctx.pki.ca)]
+        argv += ["--parallel"] if params["parallel"] else []
+        for path in names:
+            argv += ["-o", "/dev/null", f"https://{SERVER_ADDR}:{port}/files/{path.name}"]
+        try:
+            return _client(ctx, client, argv, params)
+        finally:
+            _remove(names)
+
+
 def _remove(*groups) -> None:
     for group in groups:
         for path in list(group):
@@ -591,7 +738,9 @@ def _client(ctx: RunContext, client: Client, argv: list[str], params: dict, **kw
     return res.returncode
 
 
-APPS: dict[str, type[App]] = {a.name: a for a in (Xmpp, XmppTls, Smtp, Imaps, Sftp, Scp)}
+APPS: dict[str, type[App]] = {
+    a.name: a for a in (Xmpp, XmppTls, Smtp, Imaps, Sftp, Scp, HttpsDownload, Hls)
+}
 CLASSES: dict[str, list[str]] = {}
 for _app in APPS.values():
     CLASSES.setdefault(_app.label, []).append(_app.name)
