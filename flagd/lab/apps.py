@@ -704,6 +704,138 @@ class HttpsDownload(App):
             _remove(names)
 
 
+# -- voip: baresip (SIP over TLS or UDP, SRTP, opus / G.722 / G.711) ---------------------------
+
+# codec -> (baresip codec spec, sample rate, channels). baresip 1.0 does not resample: the audio
+# file must have exactly the codec's rate and channel count, so each codec gets its own file and
+# its own answering instance.
+_CODECS = {
+    "opus": ("opus/48000/2", 48000, 2),
+    "g722": ("G722/16000/1", 16000, 1),
+    "pcmu": ("PCMU/8000/1", 8000, 1),
+}
+
+
+def _baresip_config(ctx: RunContext, directory: Path, listen: str, account: str, wav: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config").write_text(
+        f"""poll_method epoll
+sip_listen {listen}
+sip_certificate {ctx.pki.combined}
+sip_cafile {ctx.pki.ca}
+audio_player aufile,/dev/null
+audio_source aufile,{wav}
+audio_alert aufile,/dev/null
+rtp_ports 10000-40000
+module_path /usr/lib/baresip/modules
+module opus.so
+module g722.so
+module g711.so
+module aufile.so
+module srtp.so
+module_app account.so
+module_app menu.so
+"""
+    )
+    (directory / "accounts").write_text(account + "\n")
+    (directory / "contacts").write_text("")
+
+
+def _voice(ctx: RunContext, codec: str) -> Path:
+    """A mono/stereo test voice for `codec`: a tone that glides, with noise (so opus has to
+    work for it), at exactly the codec's sample rate."""
+    _, rate, channels = _CODECS[codec]
+    path = ctx.lab.state / "voip" / f"voice-{codec}.wav"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        seconds = int(max(30, 4 * ctx.session_seconds))
+        src = f"aevalsrc=0.4*sin(2*PI*(200+100*sin(0.5*t))*t)+0.05*random(0):s={rate}:d={seconds}"
+        res = subprocess.run(
+            ["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i", src, "-ac", str(channels),
+             "-ar", str(rate), "-c:a", "pcm_s16le", str(path)],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        if res.returncode:
+            raise LabError(f"ffmpeg could not make the voice file: {res.stderr[-300:]}")
+    return path
+
+
+def _start_baresip(ctx: RunContext) -> dict[str, int]:
+    """One auto-answering baresip per codec; returns codec -> SIP port (TLS is port + 1)."""
+    if "sip" in ctx.shared:
+        return ctx.shared["sip"]
+    lab = ctx.lab
+    ports = {}
+    for k, (codec, (spec, _, _)) in enumerate(_CODECS.items()):
+        port = ctx.port(5060 + 10 * k, f"sip-{codec}")
+        directory = lab.state / "voip" / f"server-{codec}"
+        account = (
+            f"<sip:{codec}@{SERVER_ADDR};transport=tls>;regint=0;answermode=auto;"
+            f"mediaenc=srtp-mand;audio_codecs={spec}"
+        )
+        _baresip_config(ctx, directory, f"{SERVER_ADDR}:{port}", account, _voice(ctx, codec))
+        proc = lab.popen(
+            lab.server, ["baresip", "-f", str(directory)], log=f"baresip-{codec}",
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_tcp(lab, port + 1, proc=proc)  # the TLS listener, opened last
+        ports[codec] = port
+    ctx.shared["sip"] = ports
+    return ports
+
+
+class Sip(App):
+    """A phone call: baresip dials an auto-answering baresip over SIP/TLS, SRTP media (SDES)."""
+
+    label = "voip"
+    name = "sip-tls"
+    programs = ("baresip", "ffmpeg")
+    transport = "tls"
+
+    def start(self, ctx: RunContext) -> None:
+        _start_baresip(ctx)
+
+    def params(self, rng: random.Random, seconds: float) -> dict:
+        return {
+            "codec": rng.choice(list(_CODECS)),
+            "call_seconds": max(3, int(seconds * rng.uniform(0.6, 1.0))),
+        }
+
+    def session(self, ctx: RunContext, client: Client, params: dict) -> int:
+        ports = ctx.shared["sip"]
+        codec = params["codec"]
+        spec = _CODECS[codec][0]
+        port = ports[codec] + (1 if self.transport == "tls" else 0)
+        directory = ctx.lab.state / "voip" / f"client-{client.index}-{codec}"
+        if not directory.exists():
+            account = (
+                f"<sip:user{client.index}@{client.addr};transport={self.transport}>;regint=0;"
+                f"mediaenc=srtp-mand;audio_codecs={spec}"
+            )
+            _baresip_config(ctx, directory, f"{client.addr}:5060", account, _voice(ctx, codec))
+        target = f"sip:{codec}@{SERVER_ADDR}:{port};transport={self.transport}"
+        argv = ["baresip", "-f", str(directory), "-t", str(params["call_seconds"] + 1)]
+        try:
+            res = ctx.lab.run(
+                client.ns, [*argv, "-e", f"/dial {target}"], stdin=subprocess.DEVNULL,
+                timeout=params["call_seconds"] + 30,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            return 124
+        with open(ctx.lab.state / f"client-{client.index}.log", "a") as fh:
+            fh.write(f"\n$ {' '.join(argv)}\n{res.stdout[-2000:]}{res.stderr[-2000:]}")
+        # baresip exits 0 whatever happened to the call: the call must have been established
+        return 0 if res.returncode == 0 and "Call established" in res.stdout else 1
+
+
+class SipUdp(Sip):
+    """The same call with SIP over UDP: plaintext signalling (SDP carries the SRTP keys)."""
+
+    name = "sip-udp"
+    transport = "udp"
+    plaintext_start = True
+
+
 def _remove(*groups) -> None:
     for group in groups:
         for path in list(group):
@@ -739,7 +871,7 @@ def _client(ctx: RunContext, client: Client, argv: list[str], params: dict, **kw
 
 
 APPS: dict[str, type[App]] = {
-    a.name: a for a in (Xmpp, XmppTls, Smtp, Imaps, Sftp, Scp, HttpsDownload, Hls)
+    a.name: a for a in (Xmpp, XmppTls, Smtp, Imaps, Sftp, Scp, HttpsDownload, Hls, Sip, SipUdp)
 }
 CLASSES: dict[str, list[str]] = {}
 for _app in APPS.values():
