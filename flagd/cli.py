@@ -49,10 +49,9 @@ def _speed(value: str) -> float | None:
 
 def _load_model(model: str | None, no_model: bool, top_k: int):
     """The bundle to classify with, or None for flow events only."""
-    from flagd.infer import Bundle, BundleError, default_model
-
     if no_model:
-        return None
+        return None  # without a model, torch is never imported
+    from flagd.infer import Bundle, BundleError, default_model
     path = Path(model) if model else default_model()
     try:
         return Bundle.load(path, top_k=top_k)

@@ -148,11 +148,12 @@ def run_mode(ds: Dataset, mode: str, p: Protocol, out: Path,
         pre_wall = 0.0
         if variant != "no-pretrain":
             run = out / mode / f"pretrain-{key}"
-            if not (run / "best.pt").exists():
+            if not (run / "wall_s").exists():  # not finished: start, or resume an interrupted run
                 t0 = time.monotonic()
                 pretrain(ids[pre_rows], ids[split["val"]], cfg, run, epochs=p.pretrain_epochs,
                          batch_size=p.batch_size, lr=p.pretrain_lr, vocab_sha256=phrases.sha256,
-                         seed=p.seed, progress=progress, log=log)
+                         seed=p.seed, progress=progress, log=log,
+                         resume=(run / "last.pt").exists())
                 (run / "wall_s").write_text(f"{time.monotonic() - t0:.1f}")
             init = torch.load(run / "best.pt", weights_only=True)
             pre_wall = float((run / "wall_s").read_text()) if (run / "wall_s").exists() else 0.0

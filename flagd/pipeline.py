@@ -318,7 +318,7 @@ class Pipeline:
                     sink.reopen()
             if next_stats is not None and time.monotonic() >= next_stats:
                 next_stats = time.monotonic() + self.s.stats_interval
-                self._emit(stats_event(time.time(), self.stats()))
+                self._emit(stats_event(time.time(), self.stats(), self.s.header.sensor))
             if on_tick is not None:
                 on_tick(self)
         for t in threads:
@@ -326,7 +326,7 @@ class Pipeline:
         for fid, f in list(self._waiting.items()):  # cannot happen once all stages drained
             self._emit(flow_event(f, None, self.s.header, unclassified="shutdown"))
             del self._waiting[fid]
-        self._emit(stats_event(time.time(), self.stats(final=True)))
+        self._emit(stats_event(time.time(), self.stats(final=True), self.s.header.sensor))
         self.source.close()
         return self.counters
 

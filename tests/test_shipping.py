@@ -358,9 +358,6 @@ def test_a_line_that_is_not_json_is_forwarded_tagged(shipped):
     assert rec["event"]["dataset"] == "flagd.unparsed"
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline.py writes stats events without the sensor "
-                   "field, so shippers name them after their own host; remove this marker "
-                   "once stats_event gets the sensor")
 @pytest.mark.slow
 def test_stats_events_name_their_sensor(replayed):
     lines = replayed.local + replayed.sensor_b
