@@ -13,12 +13,15 @@ from typing import Annotated
 
 import typer
 
+from flagd.lab.cli import lab_app
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Classify encrypted traffic flows with FLAG, live or from captures.")
 dataset_app = typer.Typer(no_args_is_help=True, help="Build labelled flow datasets from captures.")
 vocab_app = typer.Typer(no_args_is_help=True, help="Build N-phrase dictionaries.")
 app.add_typer(dataset_app, name="dataset")
 app.add_typer(vocab_app, name="vocab")
+app.add_typer(lab_app, name="lab", help="Generate labelled captures of real applications in network namespaces.")
 
 
 class Exit(enum.IntEnum):
