@@ -7,6 +7,7 @@ line on stderr and an exit code; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import enum
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -69,16 +70,19 @@ DashOpt = Annotated[bool | None, typer.Option("--dashboard/--no-dashboard", help
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file (see README); options given here override it.")]
 
 
-def _serve(source, cfg, model: str | None, no_model: bool, user: str | None = None) -> None:
+def _serve(cfg, model: str | None, no_model: bool, open_source) -> None:
+    """Load the model, open the source with the flow settings the model needs, run to the end."""
+    from flagd.capture import CaptureError
     from flagd.daemon import serve
     from flagd.flows import FlowSettings
+    from flagd.packets import DecodeError
 
-    bundle = _load_model(model or cfg.model, no_model, cfg.top_k)
-    flows = bundle.settings if bundle else FlowSettings()
+    bundle = _load_model(model or cfg.model, no_model, cfg.top_k)  # fail before capturing
     try:
-        settings = cfg.pipeline_settings(flows)
-        pipe = serve(source, bundle, cfg, settings, user=user)
-    except (OSError, ValueError) as e:
+        settings = cfg.pipeline_settings(bundle.settings if bundle else FlowSettings())
+        source = open_source(settings)
+        pipe = serve(source, bundle, cfg, settings, user=cfg.user)
+    except (OSError, ValueError, CaptureError, DecodeError) as e:
         raise fail(str(e)) from None
     problem = source.problem()
     if problem:  # e.g. a file cut short: what was read was processed, and we say so
@@ -102,16 +106,15 @@ def replay(
 ) -> None:
     """Run the classification pipeline on a capture file and write its events."""
     from flagd.daemon import RunConfig
-    from flagd.packets import DecodeError
     from flagd.pipeline import FileSource
 
+    pace = _speed(speed)
     try:
         cfg = RunConfig.load(config, log=log, dashboard=dashboard, batch_size=batch_size,
                              batch_delay_ms=batch_delay_ms, stats_interval=stats_interval)
-        source = FileSource(str(capture), _speed(speed))
-    except (DecodeError, ValueError) as e:
+    except ValueError as e:
         raise fail(str(e)) from None
-    _serve(source, cfg, model, no_model)
+    _serve(cfg, model, no_model, lambda settings: FileSource(str(capture), pace))
 
 
 @app.command()
@@ -131,14 +134,9 @@ def run(
     workers: Annotated[int | None, typer.Option(help="Capture processes in one AF_PACKET fanout group (flows hashed symmetrically).")] = None,
 ) -> None:
     """Capture live traffic on an interface and classify every flow."""
-    import os
-
-    import torch
-
-    from flagd.capture import CaptureError, open_capture
-    from flagd.daemon import RunConfig, serve
+    from flagd.capture import open_capture
+    from flagd.daemon import RunConfig
     from flagd.fanout import FanoutSource
-    from flagd.flows import FlowSettings
     from flagd.pipeline import LiveSource
 
     try:
@@ -149,20 +147,18 @@ def run(
         raise fail(str(e)) from None
     if not cfg.iface:
         raise fail("no interface: give --iface NAME (or iface in the config file)", Exit.USAGE)
-    bundle = _load_model(model or cfg.model, no_model, cfg.top_k)  # fail before capturing
-    try:
-        settings = cfg.pipeline_settings(bundle.settings if bundle else FlowSettings())
+
+    def open_source(settings):
         if cfg.workers > 1:
-            source = FanoutSource(cfg.iface, cfg.workers, settings.flows, bpf=cfg.bpf,
-                                  promisc=cfg.promisc, user=cfg.user)
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) - cfg.workers))
-        else:
-            source = LiveSource(open_capture(cfg.iface, bpf=cfg.bpf, promisc=cfg.promisc))
-        pipe = serve(source, bundle, cfg, settings, user=cfg.user)
-    except (OSError, ValueError, CaptureError) as e:
-        raise fail(str(e)) from None
-    if pipe.counters.capture_error:
-        raise fail(f"{source.name}: {pipe.counters.capture_error}")
+            if not no_model:  # inference gets the cores the capture processes leave
+                import torch
+
+                torch.set_num_threads(max(1, (os.cpu_count() or 1) - cfg.workers))
+            return FanoutSource(cfg.iface, cfg.workers, settings.flows, bpf=cfg.bpf,
+                                promisc=cfg.promisc, user=cfg.user)
+        return LiveSource(open_capture(cfg.iface, bpf=cfg.bpf, promisc=cfg.promisc))
+
+    _serve(cfg, model, no_model, open_source)
 
 
 def main() -> None:
