@@ -186,3 +186,22 @@ def test_runs_as_an_unprivileged_user_after_opening_the_socket(tmp_path, tiny_bu
     assert int(caps, 16) == 0
     cls = [e for e in read_events(log) if e["event_type"] == "classification"]
     assert sorted(e["src_port"] for e in cls) == sorted(f.sport for f in flows)
+
+
+def test_link_down_and_up_is_reported_not_fatal(tmp_path, tiny_bundle):
+    log = tmp_path / "events.jsonl"
+    with veth_pair(root_end=True) as pair:
+        proc = start_daemon(pair.a.ifname, log, tiny_bundle)
+        time.sleep(0.3)
+        pair.set_link(pair.a, up=False)
+        time.sleep(0.5)
+        pair.set_link(pair.a, up=True)
+        time.sleep(1.0)
+        flows = pair.run_tls(conns=2, msgs=2, size=100)  # still capturing after the flap
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0
+    assert f"link {pair.a.ifname} is down" in err and f"link {pair.a.ifname} is up" in err
+    cls = [e for e in read_events(log) if e["event_type"] == "classification"]
+    assert sorted(e["src_port"] for e in cls) == sorted(f.sport for f in flows)
