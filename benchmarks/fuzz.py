@@ -201,7 +201,15 @@ def atheris_child(argv: list[str]) -> None:
     atheris.Fuzz()
 
 
-def fuzz_atheris(n: int, crash_dir: Path) -> Tally | None:
+def fuzz_atheris(n: int, crash_dir: Path, chunk: int = 40_000) -> Tally | None:
+    """libFuzzer runs in children of `chunk` runs each, sharing one growing corpus directory.
+
+    Chunks, because the process grows by ~4.5 KB per run under atheris's instrumentation (the
+    same loop without atheris stays flat, 83 MB over 20,000 files, and the count of mappings
+    stays constant under atheris too: no capture file is left mapped), which reaches libFuzzer's
+    2 GiB RSS limit after ~280,000 runs. libFuzzer adds every input that finds new coverage to the corpus, so
+    each chunk starts where the last one stopped.
+    """
     try:
         import atheris  # noqa: F401
     except ImportError:
@@ -214,18 +222,22 @@ def fuzz_atheris(n: int, crash_dir: Path) -> Tally | None:
         (corpus / f"seed{i}").write_bytes(s)
     crash_dir.mkdir(parents=True, exist_ok=True)
     t = Tally("atheris", crash_dir)
-    r = subprocess.run([sys.executable, __file__, "--atheris-child", f"-runs={n}",
-                        "-max_len=4096", f"-artifact_prefix={crash_dir}/", str(corpus)],
-                       capture_output=True, text=True)
-    tail = [ln for ln in r.stderr.splitlines() if ln.startswith("#") or "Done" in ln]
-    done = [ln for ln in r.stderr.splitlines() if ln.startswith("Done")]
-    t.inputs = int(done[-1].split()[1]) if done else 0
-    if r.returncode != 0:
-        t.escaped[f"libFuzzer exit {r.returncode}"] += 1
-        print(r.stderr[-3000:])
-    cov = [ln for ln in tail if " cov: " in ln]
-    if cov:
-        print(f"atheris: last status: {cov[-1]}")
+    status = ""
+    while t.inputs < n:
+        runs = min(chunk, n - t.inputs)
+        r = subprocess.run([sys.executable, __file__, "--atheris-child", f"-runs={runs}",
+                            "-max_len=4096", f"-seed={t.inputs + 1}",
+                            f"-artifact_prefix={crash_dir}/", str(corpus)],
+                           capture_output=True, text=True)
+        done = [ln for ln in r.stderr.splitlines() if ln.startswith("#") and "DONE" in ln]
+        if r.returncode != 0 or not done:
+            t.escaped[f"libFuzzer exit {r.returncode}"] += 1
+            print(r.stderr[-3000:])
+            break
+        t.inputs += int(done[-1].split()[0][1:])
+        status = done[-1]
+        print(f"atheris: {t.inputs:,} runs; {status}", flush=True)
+    print(f"atheris: corpus {len(list(corpus.iterdir()))} inputs; last status: {status}")
     return t.done()
 
 
