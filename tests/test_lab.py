@@ -38,6 +38,8 @@ from flagd.lab.record import (
     write_pcap,
 )
 from flagd.lab.topology import SERVER_ADDR, build_lab, is_lab_address, lab_namespaces, reap_stale
+from flagd.lab.tunnel import WireGuard
+from flagd.packets import decode
 from flagd.source import read_capture
 from tests import crafted
 
@@ -310,6 +312,32 @@ def test_generate_with_parallel_clients(tmp_path, stand_in):
     assert len(list((tmp_path / "test-echo").glob("*.pcap"))) == 6
 
 
+@netns
+def test_vpn_sessions_show_only_the_tunnel(tmp_path, stand_in):
+    gone = doctor.missing(WireGuard.programs)
+    if gone:
+        pytest.skip(f"wireguard tunnel needs: {doctor.apt_line(gone)}")
+    settings = Settings(out=tmp_path, classes=("test-echo",), tunnels=("none", "wireguard"))
+    doc = generate(replace(settings, sessions=2))
+    assert not list(Path("/run/wireguard").glob(f"w{os.getpid()}*"))
+    vpn = [s for s in doc["sessions"] if s["tunnel"] == "wireguard"]
+    plain = [s for s in doc["sessions"] if s["tunnel"] == "none"]
+    assert len(vpn) == 2 and len(plain) == 2
+    assert all(s["valid"] and s["class"] == "vpn-test-echo" for s in vpn), vpn
+    for s in vpn:
+        (flow,) = s["flows"]  # one tunnel flow: the handshake and the session inside it
+        assert flow["proto"] == 17 and flow["dport"] == 51820 and flow["dst"] == "192.0.2.1"
+        assert flow["sport"] == s["params"]["tunnel_port"]
+        frames = list(read_capture(tmp_path / s["pcap"]))
+        pk = decode(frames[0])
+        assert set(pk.proto[pk.skip == 0].tolist()) == {17}
+        # the first packet is WireGuard's handshake initiation (message type 1, 148 bytes)
+        first = int(pk.l4_off[0]) + 8
+        assert frames[0].data[first] == 1 and pk.payload_len[0] == 148
+    for s in plain:
+        assert s["flows"][0]["dport"] == 8443
+
+
 def test_plan_is_deterministic_and_interleaved(stand_in):
     s = Settings(out=Path("/nonexistent"), classes=("test-echo", "test-plain"), sessions=20, seed=3)
     a, b = plan(s), plan(s)
@@ -377,7 +405,7 @@ def test_unknown_class_and_unbuilt_tunnel_are_errors(tmp_path):
     runner = CliRunner()
     res = runner.invoke(lab_app, ["generate", "--out", str(tmp_path), "--classes", "gaming"])
     assert res.exit_code == Exit.ERROR and "unknown class 'gaming'" in res.output
-    res = runner.invoke(lab_app, ["generate", "--out", str(tmp_path), "--tunnel", "openvpn"])
+    res = runner.invoke(lab_app, ["generate", "--out", str(tmp_path), "--tunnel", "ipsec"])
     assert res.exit_code == Exit.ERROR and "not available yet" in res.output
 
 

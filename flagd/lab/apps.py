@@ -807,7 +807,7 @@ class Sip(App):
         codec = params["codec"]
         spec = _CODECS[codec][0]
         port = ports[codec] + (1 if self.transport == "tls" else 0)
-        directory = ctx.lab.state / "voip" / f"client-{client.index}-{codec}"
+        directory = ctx.lab.state / "voip" / f"client-{client.index}-{codec}-{client.addr}"
         if not directory.exists():
             account = (
                 f"<sip:user{client.index}@{client.addr};transport={self.transport}>;regint=0;"

@@ -36,10 +36,11 @@ def doctor() -> None:
     from flagd.lab.apps import APPS, CLASSES
     from flagd.lab.doctor import diagnose
     from flagd.lab.topology import netns_unavailable
+    from flagd.lab.tunnel import WireGuard
 
-    report = diagnose(
-        {label: [(n, APPS[n].programs) for n in names] for label, names in CLASSES.items()}
-    )
+    needs = {label: [(n, APPS[n].programs) for n in names] for label, names in CLASSES.items()}
+    needs["vpn-*"] = [(WireGuard.name, WireGuard.programs)]
+    report = diagnose(needs)
     width = max(len(r[2]) for r in report.rows)
     for label, app, program, ok in report.rows:
         typer.echo(f"{'ok     ' if ok else 'MISSING'}  {program:<{width}}  {label} / {app}")
@@ -70,7 +71,10 @@ def generate(
     ] = None,
     tunnel: Annotated[
         str,
-        typer.Option("--tunnel", help="Comma-separated tunnel modes; only 'none' is built so far."),
+        typer.Option(
+            "--tunnel",
+            help="Comma-separated tunnel modes: none, wireguard (openvpn: not built yet).",
+        ),
     ] = "none",
     sessions: Annotated[
         int, typer.Option("--sessions", min=1, help="Sessions per class (and tunnel).")

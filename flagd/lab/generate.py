@@ -22,7 +22,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -31,10 +31,11 @@ from flagd.lab.doctor import REQUIREMENTS, expand, require
 from flagd.lab.pki import make_pki
 from flagd.lab.record import Recorder, Rules, keep_first, session_stats, validate, write_pcap
 from flagd.lab.topology import Client, LabError, build_lab
+from flagd.lab.tunnel import WireGuard, only_tunnel
 
 MANIFEST = "manifest.json"
 FORMAT = "flagd-lab/1"
-TUNNELS = ("none",)  # openvpn and wireguard-go modes are not built yet
+TUNNELS = ("none", "wireguard")  # openvpn is not built yet
 DEFAULT_RATE_MBIT = 100  # tbf on every client link, so no session runs at memory speed
 DRAIN_SECONDS = 0.3  # capture keeps running this long after the client exits (FIN/ACKs)
 
@@ -77,6 +78,8 @@ def plan(settings: Settings) -> list[Job]:
             for k in range(settings.sessions):
                 app = names[k % len(names)]
                 params = APPS[app]().params(rng, settings.seconds)
+                if tunnel != "none":
+                    params["tunnel_port"] = rng.randint(20000, 60000)
                 prefix = label if tunnel == "none" else f"vpn-{label}"
                 jobs.append(Job(f"{prefix}-{app}-{k:05d}", prefix, app, tunnel, params))
     rng.shuffle(jobs)
@@ -92,7 +95,7 @@ def check_settings(settings: Settings) -> list[type[App]]:
     if bad:
         raise LabError(
             f"tunnel {bad[0]!r} is not available yet (built: {', '.join(TUNNELS)}); "
-            "the VPN modes (openvpn, wireguard-go) are planned but not built"
+            "the openvpn mode is planned but not built"
         )
     if settings.sessions < 1 or settings.seconds <= 0:
         raise LabError("sessions must be >= 1 and seconds > 0")
@@ -104,6 +107,8 @@ def check_settings(settings: Settings) -> list[type[App]]:
     ]
     for app in apps:
         require(app.programs, f"class {app.label} ({app.name})")
+    if "wireguard" in settings.tunnels:
+        require(WireGuard.programs, "the wireguard tunnel")
     return apps
 
 
@@ -208,15 +213,22 @@ def run_session(
     lab.check_processes()
     lab.shape(client, job.params.get("rate_mbit", DEFAULT_RATE_MBIT))
     started = time.time()
-    rec = Recorder(client.ns, client.ifname)
+    rec = Recorder(client.ns, client.ifname)  # before the tunnel: its handshake is captured
     try:
-        rc = app.session(ctx, client, job.params)
+        if job.tunnel == "none":
+            rc = app.session(ctx, client, job.params)
+        else:
+            with ctx.shared["tunnel"].session(client, job.params["tunnel_port"]) as addr:
+                # the app sees the client at its tunnel address
+                rc = app.session(ctx, replace(client, addr=addr), job.params)
         time.sleep(DRAIN_SECONDS)
     finally:
         frames, drops = rec.stop()
     seconds = time.time() - started
     stats = session_stats(frames)
     reason = validate(rc, stats, settings.rules)
+    if reason is None and job.tunnel != "none":
+        reason = only_tunnel(stats, client)
     if reason is None and drops:
         reason = f"capture dropped {drops} packets"
     kept = keep_first(frames, settings.keep_packets) if reason is None else None
@@ -270,6 +282,8 @@ def generate(settings: Settings, progress: Callable[[dict], None] | None = None)
             )
             for app in dict.fromkeys(apps):
                 app().start(ctx)
+            if "wireguard" in settings.tunnels:
+                ctx.shared["tunnel"] = WireGuard(lab)
             manifest.doc["ports"] = ctx.ports
             manifest.write()
             _run_jobs(ctx, jobs, settings, manifest, progress)

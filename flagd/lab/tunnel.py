@@ -1,0 +1,150 @@
+"""VPN tunnels for the lab's vpn-* classes: wireguard-go (userspace; kernel WireGuard is absent).
+
+The router is the tunnel's far end: one wireguard-go interface (198.51.100.1) with a peer
+per client (198.51.100.(k+2)/32). For each VPN session the client brings up its own interface
+*after* the capture has started (so the handshake is in the capture), points its route to the
+server at the tunnel, runs the session and takes the tunnel down again, restoring the direct
+route. Each session therefore is one tunnel flow (UDP client:random port -> router:51820), and the
+capture on the client's outer link sees only tunnel packets, which `only_tunnel` checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from flagd.lab.record import SessionStats
+from flagd.lab.topology import SERVER_NET, TUNNEL_NET, Client, Lab, LabError
+
+WG_PORT = 51820
+ROUTER_TUNNEL_ADDR = str(TUNNEL_NET[1])
+# wireguard-go refuses to run on kernels with WireGuard support unless told it is wanted.
+_ENV = {**os.environ, "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"}
+
+
+def tunnel_addr(client: Client) -> str:
+    return str(TUNNEL_NET[client.index + 2])
+
+
+class WireGuard:
+    """The router's end plus per-client keys; `session(client)` is the per-session tunnel."""
+
+    name = "wireguard"
+    programs = ("wireguard-go", "wg")
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.dir = lab.state / "wireguard"
+        self.dir.mkdir(mode=0o700, exist_ok=True)
+        self.router_key, self.router_pub = self._keypair("router")
+        self.keys = {c.index: self._keypair(f"client{c.index}") for c in lab.clients}
+        self._interface(lab.router, self.router_key, WG_PORT)
+        for c in lab.clients:
+            self._wg(
+                lab.router, "set", self.ifname(lab.router), "peer", self.keys[c.index][1],
+                "allowed-ips", f"{tunnel_addr(c)}/32",
+            )  # fmt: skip
+        self._ip(
+            lab.router, "addr", "add", f"{ROUTER_TUNNEL_ADDR}/24", "dev", self.ifname(lab.router)
+        )
+        self._ip(lab.router, "link", "set", self.ifname(lab.router), "up")
+
+    def ifname(self, ns: str) -> str:
+        """Interface name for `ns`'s tunnel end: unique on the machine, because wireguard-go's
+        control socket (/run/wireguard/<name>.sock) lives in the shared filesystem."""
+        role = ns.rsplit("-", 1)[-1]  # rtr, c0, c1, ...
+        return f"w{os.getpid()}{'r' if role == 'rtr' else role}"
+
+    def _keypair(self, name: str) -> tuple[Path, str]:
+        key = self.dir / f"{name}.key"
+        private = subprocess.run(["wg", "genkey"], capture_output=True, text=True, check=True)
+        key.write_text(private.stdout)
+        key.chmod(0o600)
+        public = subprocess.run(
+            ["wg", "pubkey"], input=private.stdout, capture_output=True, text=True, check=True
+        )
+        return key, public.stdout.strip()
+
+    def _interface(self, ns: str, key: Path, port: int) -> None:
+        proc = self.lab.popen(ns, ["wireguard-go", "-f", self.ifname(ns)], log=f"wg-{ns}", env=_ENV)
+        deadline = time.monotonic() + 10
+        while not self._exists(ns):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise LabError(
+                    f"wireguard-go did not create {self.ifname(ns)} in {ns}: {self.lab.log(f'wg-{ns}')[-300:]}"
+                )
+            time.sleep(0.05)
+        self._wg(ns, "set", self.ifname(ns), "private-key", str(key), "listen-port", str(port))
+
+    def _exists(self, ns: str) -> bool:
+        return self.lab.run(ns, ["ip", "link", "show", self.ifname(ns)]).returncode == 0
+
+    def _wg(self, ns: str, *args: str) -> None:
+        res = self.lab.run(ns, ["wg", *args])
+        if res.returncode:
+            raise LabError(f"wg {args[0]} failed in {ns}: {res.stderr.strip()}")
+
+    def _ip(self, ns: str, *args: str) -> None:
+        res = self.lab.run(ns, ["ip", *args])
+        if res.returncode:
+            raise LabError(f"ip {' '.join(args)} failed in {ns}: {res.stderr.strip()}")
+
+    @contextlib.contextmanager
+    def session(self, client: Client, listen_port: int) -> Iterator[str]:
+        """Bring the client's tunnel up, route the server through it; yields the client's tunnel
+        address. Down again (direct route restored) on exit, whatever happened."""
+        ns = client.ns
+        key, _ = self.keys[client.index]
+        try:
+            self._interface(ns, key, listen_port)
+            self._wg(
+                ns, "set", self.ifname(ns), "peer", self.router_pub, "endpoint", f"{client.gateway}:{WG_PORT}",
+                "allowed-ips", f"{SERVER_NET},{TUNNEL_NET}",
+            )  # fmt: skip
+            self._ip(ns, "addr", "add", f"{tunnel_addr(client)}/32", "dev", self.ifname(ns))
+            self._ip(ns, "link", "set", self.ifname(ns), "up")
+            self._ip(
+                ns,
+                "route",
+                "replace",
+                str(SERVER_NET),
+                "dev",
+                self.ifname(ns),
+                "src",
+                tunnel_addr(client),
+            )
+            self._ip(ns, "route", "replace", str(TUNNEL_NET), "dev", self.ifname(ns))
+            yield tunnel_addr(client)
+        finally:
+            with contextlib.suppress(Exception):
+                self.lab.run(
+                    ns, ["ip", "link", "del", self.ifname(ns)]
+                )  # wireguard-go exits with it
+            self.lab.run(ns, ["ip", "route", "replace", str(SERVER_NET), "via", client.gateway])
+            self._stop_client_process(ns)
+
+    def _stop_client_process(self, ns: str) -> None:
+        """Reap the client's wireguard-go (it exits once its interface is deleted)."""
+        for proc in list(self.lab._procs):
+            if isinstance(proc.args, list) and ns in proc.args and "wireguard-go" in proc.args:
+                try:
+                    proc.wait(timeout=3)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                self.lab._procs.remove(proc)
+
+
+def only_tunnel(stats: SessionStats, client: Client) -> str | None:
+    """Why a VPN session's capture holds more than its tunnel, or None when it holds only it."""
+    for f in stats.flows:
+        ends = {(f.src, f.sport), (f.dst, f.dport)}
+        if f.proto != 17 or (client.gateway, WG_PORT) not in ends:
+            return f"traffic outside the tunnel: {f.src}:{f.sport} -> {f.dst}:{f.dport}"
+    if len(stats.flows) != 1:
+        return f"{len(stats.flows)} tunnel flows (expected one)"
+    return None
