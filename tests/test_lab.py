@@ -338,6 +338,34 @@ def test_vpn_sessions_show_only_the_tunnel(tmp_path, stand_in):
         assert s["flows"][0]["dport"] == 8443
 
 
+@netns
+def test_flagd_run_on_the_lab_link_reports_every_session(tmp_path, stand_in):
+    """What CI's live test does with a lab run: `flagd run` inside the client namespace,
+    started from `on_ready`, stopped by the lab's teardown (SIGTERM), sees each session's flow."""
+    log = tmp_path / "events.jsonl"
+
+    def start_daemon(lab):
+        argv = [sys.executable, "-m", "flagd", "run", "--iface", lab.clients[0].ifname]
+        argv += ["--no-model", "--log", str(log), "--no-dashboard", "--stats-interval", "0"]
+        lab.popen(lab.clients[0].ns, argv, log="flagd-run")
+        deadline = time.monotonic() + 20
+        while not log.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)  # the daemon opens its log once the capture is up
+
+    doc = generate(
+        Settings(out=tmp_path / "run", classes=("test-echo",), sessions=3), on_ready=start_daemon
+    )
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    seen = {
+        frozenset({(e["src_ip"], e["src_port"]), (e["dest_ip"], e["dest_port"])})
+        for e in events
+        if e["event_type"] == "flow"
+    }
+    for s in doc["sessions"]:
+        (f,) = s["flows"]
+        assert frozenset({(f["src"], f["sport"]), (f["dst"], f["dport"])}) in seen, s["id"]
+
+
 def test_plan_is_deterministic_and_interleaved(stand_in):
     s = Settings(out=Path("/nonexistent"), classes=("test-echo", "test-plain"), sessions=20, seed=3)
     a, b = plan(s), plan(s)

@@ -219,6 +219,7 @@ class XmppTls(Xmpp):
 
 _POSTFIX_SERVICES = """\
 {port} inet n - n - - smtpd
+{smtps} inet n - n - - smtpd -o smtpd_tls_wrappermode=yes
 pickup unix n - n 60 1 pickup
 cleanup unix n - n - 0 cleanup
 qmgr unix n - n 300 1 qmgr
@@ -241,9 +242,9 @@ postlog unix-dgram n - n - 1 postlogd
 """
 
 
-def _start_mail(ctx: RunContext) -> tuple[int, int]:
+def _start_mail(ctx: RunContext) -> tuple[int, int, int]:
     """postfix (SMTP with STARTTLS required) delivering into a Maildir that dovecot serves over
-    IMAPS; both started once per run. Returns (smtp port, imaps port)."""
+    IMAPS; both started once per run. Returns (smtp, imaps, smtps) ports."""
     if "mail" in ctx.shared:
         return ctx.shared["mail"]
     lab, pki = ctx.lab, ctx.pki
@@ -253,6 +254,7 @@ def _start_mail(ctx: RunContext) -> tuple[int, int]:
         (box / sub).mkdir(parents=True, exist_ok=True)
     _chown(box, "mail")
     smtp, imaps = ctx.port(25, "smtp"), ctx.port(993, "imaps")
+    smtps = ctx.port(465, "smtps")  # submission over implicit TLS (RFC 8314)
     conf, spool, data = base / "postfix", base / "spool", base / "data"
     for d in (conf, spool, data):
         d.mkdir(exist_ok=True)
@@ -293,7 +295,7 @@ maillog_file = /dev/stdout
 biff = no
 """
     )
-    (conf / "master.cf").write_text(_POSTFIX_SERVICES.format(port=smtp))
+    (conf / "master.cf").write_text(_POSTFIX_SERVICES.format(port=smtp, smtps=smtps))
     res = lab.run(lab.server, ["postfix", "-c", str(conf), "check"])
     if res.returncode:
         raise LabError(f"postfix check failed: {(res.stderr or res.stdout)[-300:]}")
@@ -337,8 +339,8 @@ service imap-login {{
     )
     proc = lab.popen(lab.server, ["dovecot", "-F", "-c", str(dove / "dovecot.conf")], log="dovecot")
     wait_tcp(lab, imaps, proc=proc)
-    ctx.shared["mail"] = (smtp, imaps)
-    return smtp, imaps
+    ctx.shared["mail"] = (smtp, imaps, smtps)
+    return smtp, imaps, smtps
 
 
 class Smtp(App):
@@ -349,6 +351,7 @@ class Smtp(App):
     name = "smtp-starttls"
     programs = ("postfix", "dovecot", "swaks")
     plaintext_start = True  # greeting, EHLO and STARTTLS before TLS
+    implicit = False
 
     def start(self, ctx: RunContext) -> None:
         _start_mail(ctx)
@@ -363,19 +366,28 @@ class Smtp(App):
         }
 
     def session(self, ctx: RunContext, client: Client, params: dict) -> int:
-        smtp, _ = ctx.shared["mail"]
+        smtp, _, smtps = ctx.shared["mail"]
         rng = random.Random(params["seed"])
         work = ctx.workdir(f"client-{client.index}")
         attach, body = work / "attachment.bin", work / "body.txt"
         attach.write_bytes(rng.randbytes(int(params["attachment_kb"] * 1024)))
         body.write_text(_text(rng, params["body_chars"]))
         argv = [
-            "swaks", "--server", SERVER_ADDR, "--port", str(smtp), "--helo", f"client{client.index}.{DOMAIN}",
-            "--from", f"user{client.index}@{DOMAIN}", "--to", f"box@{DOMAIN}", "--tls", "--tls-verify",
+            "swaks", "--server", SERVER_ADDR, "--port", str(smtps if self.implicit else smtp),
+            "--helo", f"client{client.index}.{DOMAIN}", "--from", f"user{client.index}@{DOMAIN}",
+            "--to", f"box@{DOMAIN}", "--tlsc" if self.implicit else "--tls", "--tls-verify",
             "--tls-ca-path", str(ctx.pki.ca), "--body", f"@{body}", "--attach", f"@{attach}",
             "--suppress-data", "--timeout", "30",
         ]  # fmt: skip
         return _client(ctx, client, argv, params)
+
+
+class Smtps(Smtp):
+    """The same submission over implicit TLS (port 465): nothing in plaintext."""
+
+    name = "smtps"
+    plaintext_start = False
+    implicit = True
 
 
 class Imaps(App):
@@ -398,7 +410,7 @@ class Imaps(App):
         }
 
     def session(self, ctx: RunContext, client: Client, params: dict) -> int:
-        _, imaps = ctx.shared["mail"]
+        _, imaps, _ = ctx.shared["mail"]
         argv = [
             sys.executable, str(HERE / "imap_client.py"), f"--host={SERVER_ADDR}", f"--port={imaps}",
             f"--ca={ctx.pki.ca}", f"--user=user{client.index}", "--password=labpass",
@@ -997,6 +1009,7 @@ APPS: dict[str, type[App]] = {
         Xmpp,
         XmppTls,
         Smtp,
+        Smtps,
         Imaps,
         Sftp,
         Scp,

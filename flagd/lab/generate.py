@@ -30,9 +30,17 @@ from flagd.lab.apps import APPS, CLASSES, App, RunContext
 from flagd.lab.doctor import REQUIREMENTS, expand, require
 from flagd.lab.pki import make_pki
 from flagd.lab.record import Recorder, Rules, keep_first, session_stats, validate, write_pcap
-from flagd.lab.topology import Client, LabError, build_lab
+from flagd.lab.topology import Client, Lab, LabError, build_lab
 from flagd.lab.tunnel import WireGuard, only_tunnel
 
+# The apps the honest benchmark should use: the direct-TLS variant wherever one exists (XMPP on
+# 5223, SMTP submission on 465, SIP over TLS). SSH's version banner and the torrent tracker's
+# HTTP announce have no encrypted variant; they stay, and the manifest marks those apps
+# (`plaintext_start`) so shortcut masking can be checked against them.
+BENCHMARK_APPS = (
+    "xmpp-tls", "smtps", "imaps", "sftp", "scp", "https-download", "hls-https", "sip-tls",
+    "aria2", "transmission",
+)  # fmt: skip
 MANIFEST = "manifest.json"
 FORMAT = "flagd-lab/1"
 TUNNELS = ("none", "wireguard")  # openvpn is not built yet
@@ -254,9 +262,18 @@ def run_session(
     return record, kept
 
 
-def generate(settings: Settings, progress: Callable[[dict], None] | None = None) -> dict:
+def generate(
+    settings: Settings,
+    progress: Callable[[dict], None] | None = None,
+    on_ready: Callable[[Lab], None] | None = None,
+) -> dict:
     """Run the whole generation; returns the manifest document. Everything is torn down on
-    return, on exceptions, on Ctrl-C and on SIGTERM (turned into KeyboardInterrupt)."""
+    return, on exceptions, on Ctrl-C and on SIGTERM (turned into KeyboardInterrupt).
+
+    `progress` is called with each session's manifest record; `on_ready` with the built lab
+    once its servers run and before the first session (e.g. to start `flagd run` inside a
+    client namespace: `lab.popen(lab.clients[0].ns, [...])`, stopped at teardown).
+    """
     apps = check_settings(settings)
     programs = expand(p for a in apps for p in a.programs)
     jobs = plan(settings)
@@ -284,6 +301,8 @@ def generate(settings: Settings, progress: Callable[[dict], None] | None = None)
                 app().start(ctx)
             if "wireguard" in settings.tunnels:
                 ctx.shared["tunnel"] = WireGuard(lab)
+            if on_ready is not None:
+                on_ready(lab)
             manifest.doc["ports"] = ctx.ports
             manifest.write()
             _run_jobs(ctx, jobs, settings, manifest, progress)
