@@ -38,7 +38,7 @@ from flagd.lab.record import (
     write_pcap,
 )
 from flagd.lab.topology import SERVER_ADDR, build_lab, is_lab_address, lab_namespaces, reap_stale
-from flagd.lab.tunnel import WireGuard
+from flagd.lab.tunnel import OpenVpn, WireGuard
 from flagd.packets import decode
 from flagd.source import read_capture
 from tests import crafted
@@ -313,27 +313,31 @@ def test_generate_with_parallel_clients(tmp_path, stand_in):
 
 
 @netns
-def test_vpn_sessions_show_only_the_tunnel(tmp_path, stand_in):
-    gone = doctor.missing(WireGuard.programs)
+@pytest.mark.parametrize("tunnel", [WireGuard, OpenVpn], ids=["wireguard", "openvpn"])
+def test_vpn_sessions_show_only_the_tunnel(tmp_path, stand_in, tunnel):
+    gone = doctor.missing(tunnel.programs)
     if gone:
-        pytest.skip(f"wireguard tunnel needs: {doctor.apt_line(gone)}")
-    settings = Settings(out=tmp_path, classes=("test-echo",), tunnels=("none", "wireguard"))
-    doc = generate(replace(settings, sessions=2))
+        pytest.skip(f"the {tunnel.name} tunnel needs: {doctor.apt_line(gone)}")
+    settings = Settings(out=tmp_path, classes=("test-echo",), tunnels=("none", tunnel.name))
+    doc = generate(replace(settings, sessions=3))
     assert not list(Path("/run/wireguard").glob(f"w{os.getpid()}*"))
-    vpn = [s for s in doc["sessions"] if s["tunnel"] == "wireguard"]
+    vpn = [s for s in doc["sessions"] if s["tunnel"] == tunnel.name]
     plain = [s for s in doc["sessions"] if s["tunnel"] == "none"]
-    assert len(vpn) == 2 and len(plain) == 2
+    assert len(vpn) == 3 and len(plain) == 3
     assert all(s["valid"] and s["class"] == "vpn-test-echo" for s in vpn), vpn
     for s in vpn:
         (flow,) = s["flows"]  # one tunnel flow: the handshake and the session inside it
-        assert flow["proto"] == 17 and flow["dport"] == 51820 and flow["dst"] == "192.0.2.1"
+        assert flow["proto"] == 17 and flow["dport"] == tunnel.port and flow["dst"] == "192.0.2.1"
         assert flow["sport"] == s["params"]["tunnel_port"]
         frames = list(read_capture(tmp_path / s["pcap"]))
         pk = decode(frames[0])
         assert set(pk.proto[pk.skip == 0].tolist()) == {17}
-        # the first packet is WireGuard's handshake initiation (message type 1, 148 bytes)
-        first = int(pk.l4_off[0]) + 8
-        assert frames[0].data[first] == 1 and pk.payload_len[0] == 148
+        i = int(np.flatnonzero(pk.skip == 0)[0])  # ARP may come first
+        first = frames[0].data[int(pk.l4_off[i]) + 8]
+        if tunnel is WireGuard:  # handshake initiation: message type 1, 148 bytes
+            assert first == 1 and pk.payload_len[i] == 148
+        else:  # P_CONTROL_HARD_RESET_CLIENT_V2 (opcode 7) or _V3 (opcode 10), key id 0
+            assert first >> 3 in (7, 10)
     for s in plain:
         assert s["flows"][0]["dport"] == 8443
 

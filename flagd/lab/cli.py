@@ -36,10 +36,10 @@ def doctor() -> None:
     from flagd.lab.apps import APPS, CLASSES
     from flagd.lab.doctor import diagnose
     from flagd.lab.topology import netns_unavailable
-    from flagd.lab.tunnel import WireGuard
+    from flagd.lab.tunnel import OpenVpn, WireGuard
 
     needs = {label: [(n, APPS[n].programs) for n in names] for label, names in CLASSES.items()}
-    needs["vpn-*"] = [(WireGuard.name, WireGuard.programs)]
+    needs["vpn-*"] = [(t.name, t.programs) for t in (WireGuard, OpenVpn)]
     report = diagnose(needs)
     width = max(len(r[2]) for r in report.rows)
     for label, app, program, ok in report.rows:
@@ -73,7 +73,7 @@ def generate(
         str,
         typer.Option(
             "--tunnel",
-            help="Comma-separated tunnel modes: none, wireguard (openvpn: not built yet).",
+            help="Comma-separated tunnel modes: none, wireguard, openvpn.",
         ),
     ] = "none",
     sessions: Annotated[

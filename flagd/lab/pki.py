@@ -41,6 +41,7 @@ def make_pki(directory: Path, days: int = 2) -> Pki:
     ext.write_text(
         f"subjectAltName=DNS:{DOMAIN},DNS:*.{DOMAIN},IP:{SERVER_ADDR}\n"
         "extendedKeyUsage=serverAuth,clientAuth\nbasicConstraints=CA:FALSE\n"
+        "keyUsage=critical,digitalSignature,keyAgreement\n"  # OpenVPN checks key usage
     )
     _openssl(
         "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",

@@ -1,4 +1,5 @@
-"""VPN tunnels for the lab's vpn-* classes: wireguard-go (userspace; kernel WireGuard is absent).
+"""VPN tunnels for the lab's vpn-* classes: wireguard-go (userspace; kernel WireGuard is absent)
+and OpenVPN (UDP, tun).
 
 The router is the tunnel's far end: one wireguard-go interface (198.51.100.1) with a peer
 per client (198.51.100.(k+2)/32). For each VPN session the client brings up its own interface
@@ -6,28 +7,35 @@ per client (198.51.100.(k+2)/32). For each VPN session the client brings up its 
 server at the tunnel, runs the session and takes the tunnel down again, restoring the direct
 route. Each session therefore is one tunnel flow (UDP client:random port -> router:51820), and the
 capture on the client's outer link sees only tunnel packets, which `only_tunnel` checks.
+OpenVPN works the same way, with a client process per session (`--lport` = the session's port).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from flagd.lab.pki import DOMAIN, Pki
 from flagd.lab.record import SessionStats
-from flagd.lab.topology import SERVER_NET, TUNNEL_NET, Client, Lab, LabError
+from flagd.lab.topology import SERVER_NET, Client, Lab, LabError
 
 WG_PORT = 51820
-ROUTER_TUNNEL_ADDR = str(TUNNEL_NET[1])
+OVPN_PORT = 1194
+# 198.51.100.0/25 for WireGuard (router .1, client k .(k+2)), /25 above it for OpenVPN's pool
+WG_NET = ipaddress.ip_network("198.51.100.0/25")
+OVPN_NET = ipaddress.ip_network("198.51.100.128/25")
+ROUTER_TUNNEL_ADDR = str(WG_NET[1])
 # wireguard-go refuses to run on kernels with WireGuard support unless told it is wanted.
 _ENV = {**os.environ, "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"}
 
 
 def tunnel_addr(client: Client) -> str:
-    return str(TUNNEL_NET[client.index + 2])
+    return str(WG_NET[client.index + 2])
 
 
 class WireGuard:
@@ -35,6 +43,7 @@ class WireGuard:
 
     name = "wireguard"
     programs = ("wireguard-go", "wg")
+    port = WG_PORT
 
     def __init__(self, lab: Lab) -> None:
         self.lab = lab
@@ -49,7 +58,12 @@ class WireGuard:
                 "allowed-ips", f"{tunnel_addr(c)}/32",
             )  # fmt: skip
         self._ip(
-            lab.router, "addr", "add", f"{ROUTER_TUNNEL_ADDR}/24", "dev", self.ifname(lab.router)
+            lab.router,
+            "addr",
+            "add",
+            f"{ROUTER_TUNNEL_ADDR}/{WG_NET.prefixlen}",
+            "dev",
+            self.ifname(lab.router),
         )
         self._ip(lab.router, "link", "set", self.ifname(lab.router), "up")
 
@@ -103,7 +117,7 @@ class WireGuard:
             self._interface(ns, key, listen_port)
             self._wg(
                 ns, "set", self.ifname(ns), "peer", self.router_pub, "endpoint", f"{client.gateway}:{WG_PORT}",
-                "allowed-ips", f"{SERVER_NET},{TUNNEL_NET}",
+                "allowed-ips", f"{SERVER_NET},{WG_NET}",
             )  # fmt: skip
             self._ip(ns, "addr", "add", f"{tunnel_addr(client)}/32", "dev", self.ifname(ns))
             self._ip(ns, "link", "set", self.ifname(ns), "up")
@@ -117,7 +131,7 @@ class WireGuard:
                 "src",
                 tunnel_addr(client),
             )
-            self._ip(ns, "route", "replace", str(TUNNEL_NET), "dev", self.ifname(ns))
+            self._ip(ns, "route", "replace", str(WG_NET), "dev", self.ifname(ns))
             yield tunnel_addr(client)
         finally:
             with contextlib.suppress(Exception):
@@ -126,6 +140,19 @@ class WireGuard:
                 )  # wireguard-go exits with it
             self.lab.run(ns, ["ip", "route", "replace", str(SERVER_NET), "via", client.gateway])
             self._stop_client_process(ns)
+            self._forget_endpoint(client)
+
+    def _forget_endpoint(self, client: Client) -> None:
+        """Re-add the client's peer on the router without an endpoint: otherwise late packets
+        of the ended session (a server's retransmitted FIN) would go to the old port while the
+        next session's capture runs."""
+        router, pub = self.ifname(self.lab.router), self.keys[client.index][1]
+        with contextlib.suppress(LabError):
+            self._wg(self.lab.router, "set", router, "peer", pub, "remove")
+            self._wg(
+                self.lab.router, "set", router, "peer", pub,
+                "allowed-ips", f"{tunnel_addr(client)}/32",
+            )  # fmt: skip
 
     def _stop_client_process(self, ns: str) -> None:
         """Reap the client's wireguard-go (it exits once its interface is deleted)."""
@@ -139,12 +166,87 @@ class WireGuard:
                 self.lab._procs.remove(proc)
 
 
-def only_tunnel(stats: SessionStats, client: Client) -> str | None:
-    """Why a VPN session's capture holds more than its tunnel, or None when it holds only it."""
+def only_tunnel(stats: SessionStats, client: Client, port: int) -> str | None:
+    """Why a VPN session's capture holds more than its tunnel (UDP to the router's `port`), or
+    None when it holds only that."""
     for f in stats.flows:
         ends = {(f.src, f.sport), (f.dst, f.dport)}
-        if f.proto != 17 or (client.gateway, WG_PORT) not in ends:
+        if f.proto != 17 or (client.gateway, port) not in ends:
             return f"traffic outside the tunnel: {f.src}:{f.sport} -> {f.dst}:{f.dport}"
     if len(stats.flows) != 1:
         return f"{len(stats.flows)} tunnel flows (expected one)"
     return None
+
+
+class OpenVpn:
+    """OpenVPN over UDP with tun devices: the router runs the server (pool 198.51.100.128/25,
+    ECDHE only, the run's CA and certificate); each session starts a client process."""
+
+    name = "openvpn"
+    programs = ("openvpn",)
+    port = OVPN_PORT
+
+    def __init__(self, lab: Lab, pki: Pki) -> None:
+        self.lab, self.pki = lab, pki
+        self.dir = lab.state / "openvpn"
+        self.dir.mkdir(mode=0o700, exist_ok=True)
+        net, mask = str(OVPN_NET.network_address), str(OVPN_NET.netmask)
+        argv = [
+            "openvpn", "--mode", "server", "--tls-server", "--dev", "tun", "--proto", "udp",
+            "--port", str(OVPN_PORT), "--server", net, mask, "--topology", "subnet",
+            "--ca", str(pki.ca), "--cert", str(pki.cert), "--key", str(pki.key), "--dh", "none",
+            "--duplicate-cn", "--keepalive", "10", "60", "--verb", "3",
+            "--data-ciphers", "AES-256-GCM:AES-128-GCM:CHACHA20-POLY1305",
+        ]  # fmt: skip
+        self.server = lab.popen(lab.router, argv, log="openvpn-server")
+        self._wait(self.server, "openvpn-server", "Initialization Sequence Completed")
+
+    def _wait(self, proc, log: str, text: str, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.lab.log(log):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise LabError(f"openvpn did not come up ({log}): {self.lab.log(log)[-400:]}")
+            time.sleep(0.1)
+
+    @contextlib.contextmanager
+    def session(
+        self, client: Client, listen_port: int, cipher: str = "AES-256-GCM"
+    ) -> Iterator[str]:
+        """Connect the client (from `listen_port`), route the server through tun0; yields the
+        client's tunnel address. The client process goes and the direct route is back on exit."""
+        ns, log = client.ns, f"openvpn-{client.ns}"
+        (self.lab.state / f"{log}.log").unlink(missing_ok=True)
+        argv = [
+            "openvpn", "--client", "--dev", "tun0", "--proto", "udp",
+            "--remote", client.gateway, str(OVPN_PORT), "--lport", str(listen_port), "--bind",
+            "--ca", str(self.pki.ca), "--cert", str(self.pki.cert), "--key", str(self.pki.key),
+            "--remote-cert-tls", "server", "--verify-x509-name", DOMAIN, "name",
+            "--data-ciphers", cipher, "--route-noexec", "--explicit-exit-notify", "1",
+            "--verb", "3",
+        ]  # fmt: skip
+        proc = self.lab.popen(ns, argv, log=log)
+        proc.must_live = False  # type: ignore[attr-defined] - ends with the session
+        try:
+            self._wait(proc, log, "Initialization Sequence Completed")
+            addr = self._address(ns)
+            res = self.lab.run(ns, ["ip", "route", "replace", str(SERVER_NET), "dev", "tun0"])
+            if res.returncode:
+                raise LabError(f"cannot route through tun0: {res.stderr.strip()}")
+            yield addr
+        finally:
+            if proc.poll() is None:
+                proc.terminate()  # explicit-exit-notify tells the server, inside the capture
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            self.lab._procs.remove(proc)
+            self.lab.run(ns, ["ip", "route", "replace", str(SERVER_NET), "via", client.gateway])
+
+    def _address(self, ns: str) -> str:
+        res = self.lab.run(ns, ["ip", "-4", "-o", "addr", "show", "dev", "tun0"])
+        for word in res.stdout.split():
+            if "/" in word and word.split("/")[0].count(".") == 3:
+                return word.split("/")[0]
+        raise LabError(f"tun0 in {ns} has no address: {res.stdout.strip()}")
