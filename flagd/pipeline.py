@@ -130,14 +130,16 @@ class Pipeline:
         except Exception as e:  # a source failure ends the run cleanly, with its reason
             self.counters.capture_error = f"{type(e).__name__}: {e}"
         finally:
-            self._hand_on(table.flush())
+            # Capture has stopped: the last flows may wait for the batcher, never be dropped
+            # (dropping them lost 54,082 of 600,220 flow events at the end of a live soak).
+            self._hand_on(table.flush(), wait=True)
             self.flow_q.put(_DONE)
 
-    def _hand_on(self, updates: list[FlowUpdate]) -> None:
+    def _hand_on(self, updates: list[FlowUpdate], wait: bool = False) -> None:
         # In chunks, so flow_q is bounded in flows: one 65536-frame file batch can end 65536.
         for i in range(0, len(updates), _CHUNK):
             part = updates[i:i + _CHUNK]
-            if self.lossless:
+            if self.lossless or wait:
                 self.flow_q.put(part)
                 continue
             try:
