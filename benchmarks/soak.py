@@ -102,6 +102,10 @@ def main() -> None:
           f"classified {final.get('classified', 0):,}  drops {d}  "
           f"max queues {max((s['queues']['events'] for s in stats), default=0)} events, "
           f"{max((s['queues']['flows'] for s in stats), default=0)} flow chunks")
+    running = [s_ for s_ in stats if not s_.get("final")]
+    if running:
+        print(f"drops while running (last periodic stats, {running[-1]['uptime']:.0f} s): "
+              f"{running[-1]['drops']}; classified {running[-1]['classified']:,}")
     if a.json:
         a.json.write_text(json.dumps({"machine": machine(), "samples": samples, "slope_mib_per_min": slope,
                                       "peak_mib": peak / MiB, "final": final}, indent=1))
