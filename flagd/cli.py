@@ -427,6 +427,9 @@ def train(
     pretrain_epochs: int = 20,
     finetune_epochs: int = 20,
     batch_size: int = 64,
+    pretrain_lr: float = 5e-4,
+    finetune_lr: float = 3e-4,
+    variant: Annotated[list[str] | None, typer.Option(help="flag, no-pretrain and/or bytes-only [default: all].")] = None,
     mode: Annotated[list[str] | None, typer.Option(help="paper and/or honest [default: both].")] = None,
     labels: LabelsOpt = "dir",
     seed: int = 0,
@@ -443,7 +446,9 @@ def train(
             raise fail(f"{p}: not a directory")
     proto = Protocol(preset=preset, vocab_size=vocab_size, max_len=max_len,
                      pretrain_epochs=pretrain_epochs, finetune_epochs=finetune_epochs,
-                     batch_size=batch_size, seed=seed, modes=tuple(mode or ("paper", "honest")))
+                     batch_size=batch_size, seed=seed, pretrain_lr=pretrain_lr,
+                     finetune_lr=finetune_lr, modes=tuple(mode or ("paper", "honest")),
+                     variants=tuple(variant or ("flag", "no-pretrain", "bytes-only")))
     rows = run_protocol(tree, out, proto, label_kind=labels)
     Console().print(compare_table(rows))
     typer.echo(f"{out}/report.json")
