@@ -8,6 +8,7 @@ warm-up. Resident memory (VmRSS) is sampled every 10 s; after the warm-up a leas
 through the samples gives the slope. Baseline for the ratio: the RSS at the end of the warm-up.
 
     python benchmarks/soak.py [--minutes 10] [--warmup 3] [--rate 1000]
+    python benchmarks/soak.py --replay-hours 1 [--model]   (hours of churn on the capture clock)
 """
 
 from __future__ import annotations
@@ -39,6 +40,42 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}, Python {platform.python_version()}"
 
 
+def replay_soak(hours: float, rate: float, model: bool, every: float) -> None:
+    """The same churn on the capture's own clock: `hours` of `rate` new flows/s replayed as
+    fast as flagd goes, so hours of flow-table churn take minutes. RSS against flows metered."""
+    with tempfile.TemporaryDirectory(prefix="flagd-soak-") as tmp:
+        work = Path(tmp)
+        n = int(hours * 3600 * rate)
+        cap = floodgen.write_flood(work / "churn.pcap", "random", n, pps=rate)
+        argv = [sys.executable, "-m", "flagd", "replay", str(cap.path), "--log", str(work / "ev.jsonl"),
+                "--no-dashboard", "--stats-interval", "5"]
+        argv += ["--model", str(floodgen.tiny_bundle(work / "bundle"))] if model else ["--no-model"]
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        rss = floodgen.PeakRss(proc.pid, every=every)
+        t0 = time.monotonic()
+        err = proc.stderr.read()
+        code = proc.wait()
+        rss.stop()
+        stats = [json.loads(ln)["stats"] for ln in (work / "ev.jsonl").read_text().splitlines()
+                 if '"event_type":"stats"' in ln]
+    # flows metered at each sample time, from the stats events' uptime
+    up = np.array([s_["uptime"] for s_ in stats])
+    fl = np.array([s_["flows"] for s_ in stats])
+    samples = [(t - t0, r / MiB) for t, r in rss.samples]
+    flows_at = np.interp([t for t, _ in samples], up, fl)
+    print(f"replay soak: {hours:g} h of {rate:,.0f} new flows/s on the capture clock = {n:,} flows, "
+          f"{'tiny model' if model else 'no model'}; exit {code} {err.strip()[-200:]}")
+    print("RSS samples (flows metered, MiB): " + ", ".join(
+        f"{f / 1e6:.2f}M:{r:.0f}" for f, (_, r) in zip(flows_at, samples, strict=True)))
+    half = [(f, r) for f, (_, r) in zip(flows_at, samples, strict=True) if f >= n / 4 and f < n]
+    if len(half) >= 3:
+        x = np.array([f for f, _ in half]) / 1e6
+        y = np.array([r for _, r in half])
+        print(f"after the first quarter: RSS {y[0]:.1f} -> {y[-1]:.1f} MiB (max {y.max():.1f}); "
+              f"slope {np.polyfit(x, y, 1)[0]:+.2f} MiB per million flows "
+              f"(= {np.polyfit(x, y, 1)[0] * rate * 3600 / 1e6:+.1f} MiB per hour at {rate:,.0f} flows/s)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--minutes", type=float, default=10.0)
@@ -46,7 +83,14 @@ def main() -> None:
     p.add_argument("--rate", type=float, default=1000.0, help="new flows (frames) per second")
     p.add_argument("--every", type=float, default=10.0, help="seconds between memory samples")
     p.add_argument("--json", type=Path)
+    p.add_argument("--replay-hours", type=float, default=0,
+                   help="instead: replay this many hours of churn on the capture clock")
+    p.add_argument("--model", action="store_true", help="with --replay-hours: classify too")
     a = p.parse_args()
+    if a.replay_hours:
+        print(f"machine: {machine()}")
+        replay_soak(a.replay_hours, a.rate, a.model, every=2.0)
+        return
     from tests.netns import netns_unavailable, veth_pair
 
     if why := netns_unavailable():
