@@ -147,6 +147,11 @@ def test_topology_addresses_routes_and_reachability():
         assert topology.addresses(lab.server) == [SERVER_ADDR]
         assert {c.addr for c in lab.clients} == {"192.0.2.2", "192.0.2.6"}
         assert lab.offloads_off
+        # a VPN session's isolation takes the server's only way back to that client away
+        with lab.isolate(lab.clients[1]):
+            dsts = [d for d, _ in topology.routes(lab.server)]
+            assert lab.clients[1].subnet not in dsts and lab.clients[0].subnet in dsts
+        assert lab.clients[1].subnet in [d for d, _ in topology.routes(lab.server)]
         # a TCP connection from each client to the server crosses the router
         with topology.in_netns(lab.server):
             srv = socket.create_server((SERVER_ADDR, 7000))
@@ -300,6 +305,16 @@ def test_generate_writes_valid_captures_and_manifest(tmp_path, stand_in):
     assert summary["sessions"] == 2 and summary["flows"] == 2 and summary["rejected"] == 0
     assert summary["flows_per_minute"] > 0 and summary["sessions_for_500_flows"] == 500
     assert doc["summary"]["test-plain"]["rejected"] == 2
+
+
+@netns
+def test_random_ports(tmp_path, stand_in):
+    doc = generate(
+        Settings(out=tmp_path, classes=("test-echo",), sessions=1, random_ports=True, seed=5)
+    )
+    port = doc["ports"]["tls-echo"]
+    assert port != 8443 and 20000 <= port <= 60999
+    assert doc["sessions"][0]["flows"][0]["dport"] == port
 
 
 @netns

@@ -1,7 +1,29 @@
 """The traffic lab: labelled captures of real, unmodified applications between network namespaces.
 
-`flagd lab generate` builds client/router/server namespaces (topology), starts real servers and
-clients from Debian packages (apps), records one capture per client session on the client's link,
-validates each session and writes `DIR/<class>/<session>.pcap` plus `DIR/manifest.json`
-(generate). `flagd lab doctor` says which programs are missing and the apt-get line for them.
+`flagd lab generate --out DIR` builds client, router and server namespaces joined by veth pairs
+(`topology`: documentation addresses only, no default route, no NAT, nothing in the caller's
+namespace), makes a CA and keys for the run (`pki`), starts real servers from Debian packages
+(`apps`), then runs many short client sessions with drawn parameters. Each session is captured on
+the client's link (`record`), validated (client exit status, packet and payload minimums,
+encrypted-looking payload, lab addresses only; VPN sessions: tunnel packets only) and written to
+`DIR/<class>/<session>.pcap`, at most `--keep-packets` packets per flow (statistics are computed
+on all of them first). `DIR/manifest.json` describes the run (format "flagd-lab/1"): settings,
+seed, Debian package versions, the lab's namespaces and ports, and one record per session, kept
+or rejected (id, class, app, tunnel, params, returncode, reason, packet/byte counts, entropy and
+per-flow 5-tuples with totals), plus a per-class summary with flows per minute.
+
+Classes and applications (`apps.CLASSES`):
+
+    chat           xmpp-starttls, xmpp-tls       prosody; slixmpp client, echo bot
+    email          smtp-starttls, smtps, imaps   postfix + dovecot; swaks, Python imaplib
+    file-transfer  sftp, scp, https-download     OpenSSH; nginx + curl
+    streaming      hls-https                     nginx HLS (ffmpeg-made); ffmpeg at playback rate
+    voip           sip-tls, sip-udp              baresip auto-answer, SRTP, opus/G.722/PCMU
+    torrent        aria2, transmission           opentracker + aria2c seeder; two leechers
+    vpn-<class>    the same through --tunnel wireguard (wireguard-go) or openvpn (UDP, tun)
+
+`generate.BENCHMARK_APPS` are the direct-TLS variants the honest benchmark should use. Teardown
+(processes, namespaces, state) runs on exit, on Ctrl-C, on SIGTERM and after a crashed server;
+`topology.reap_stale` removes what a killed run left and runs at the start of every lab.
+`flagd lab doctor` lists the programs and prints the one apt-get line for what is missing.
 """

@@ -828,6 +828,9 @@ class Sip(App):
             _baresip_config(ctx, directory, f"{client.addr}:5060", account, _voice(ctx, codec))
         target = f"sip:{codec}@{SERVER_ADDR}:{port};transport={self.transport}"
         argv = ["baresip", "-f", str(directory), "-t", str(params["call_seconds"] + 1)]
+        # baresip takes its SDP media address from one interface: in a VPN session that must be
+        # the tunnel's, or the server would send RTP to the client's outer address
+        argv += ["-n", _interface_of(ctx.lab, client)]
         try:
             res = ctx.lab.run(
                 client.ns, [*argv, "-e", f"/dial {target}"], stdin=subprocess.DEVNULL,
@@ -839,6 +842,16 @@ class Sip(App):
             fh.write(f"\n$ {' '.join(argv)}\n{res.stdout[-2000:]}{res.stderr[-2000:]}")
         # baresip exits 0 whatever happened to the call: the call must have been established
         return 0 if res.returncode == 0 and "Call established" in res.stdout else 1
+
+
+def _interface_of(lab: Lab, client: Client) -> str:
+    """The interface holding `client.addr` in its namespace (the tunnel's in VPN sessions)."""
+    res = lab.run(client.ns, ["ip", "-o", "-4", "addr", "show"])
+    for line in res.stdout.splitlines():
+        words = line.split()
+        if len(words) > 3 and words[3].split("/")[0] == client.addr:
+            return words[1]
+    return client.ifname
 
 
 class SipUdp(Sip):
@@ -917,11 +930,11 @@ class Aria2(App):
         _start_torrents(ctx)
 
     def params(self, rng: random.Random, seconds: float) -> dict:
-        return {
-            "torrent": rng.randrange(len(_TORRENT_MB)),
-            "rate_mbit": rng.choice([2, 5, 10, 20]),
-            "port": rng.randint(20000, 60000),
-        }
+        rate = rng.choice([2, 5, 10, 20])
+        # only torrents that download in about half the session at that rate (peers ramp up
+        # slowly, transmission especially); the smallest always qualifies
+        fits = [k for k, mb in enumerate(_TORRENT_MB) if mb * 8 / rate <= seconds / 2] or [0]
+        return {"torrent": rng.choice(fits), "rate_mbit": rate, "port": rng.randint(20000, 60000)}
 
     def _download(self, ctx: RunContext, client: Client) -> Path:
         path = ctx.workdir(f"client-{client.index}/torrent")
@@ -950,6 +963,9 @@ class Transmission(Aria2):
     def session(self, ctx: RunContext, client: Client, params: dict) -> int:
         torrent = ctx.shared["torrent"]["torrents"][params["torrent"]]
         dest = self._download(ctx, client)
+        # a fresh config directory each time: resume data of an earlier session of the same
+        # torrent would make transmission-cli consider it complete and exit without a transfer
+        shutil.rmtree(ctx.lab.state / f"client-{client.index}/transmission", ignore_errors=True)
         config = ctx.workdir(f"client-{client.index}/transmission")
         done = config / "done.sh"
         # transmission-cli never exits by itself: the on-finish script stops it

@@ -235,7 +235,10 @@ def run_session(
         else:
             tunnel = ctx.shared[job.tunnel]
             extra = {"cipher": job.params["tunnel_cipher"]} if job.tunnel == "openvpn" else {}
-            with tunnel.session(client, job.params["tunnel_port"], **extra) as addr:
+            with (
+                lab.isolate(client),
+                tunnel.session(client, job.params["tunnel_port"], **extra) as addr,
+            ):
                 # the app sees the client at its tunnel address
                 rc = app.session(ctx, replace(client, addr=addr), job.params)
                 time.sleep(DRAIN_SECONDS)  # the last ACKs still go through the tunnel

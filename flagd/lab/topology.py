@@ -6,8 +6,8 @@ Layout (every address from the RFC 5737 documentation ranges, which are never ro
     router    "srv" 203.0.113.1/24     <->  "in"  203.0.113.2/24      server
     tunnels (VPN modes)                       198.51.100.0/24
 
-Clients route 203.0.113.0/24 via the router, the server routes 192.0.2.0/24 via the router, and
-the router forwards. There is no default route and no NAT anywhere, and nothing is created in the
+Clients route 203.0.113.0/24 via the router, the server routes each client's /30 (and the
+tunnel range) via the router, and the router forwards. There is no default route and no NAT anywhere, and nothing is created in the
 caller's own namespace (veth pairs are made inside the router's namespace with the peer put
 straight into its neighbour's), so no lab packet can reach a real interface. The capture point is
 each client's "out" link: what a sensor upstream of that host would see.
@@ -80,6 +80,11 @@ class Client:
     gateway: str  # the router's end of the same /30
     ifname: str = "out"  # capture here (inside `ns`)
 
+    @property
+    def subnet(self) -> str:
+        """The client link's /30."""
+        return str(ipaddress.ip_network(f"{self.addr}/30", strict=False))
+
 
 @dataclass
 class Lab:
@@ -151,6 +156,19 @@ class Lab:
             )  # fmt: skip
             if res.returncode:
                 raise LabError(f"tc tbf on {ifname} failed: {res.stderr.strip()}")
+
+    @contextlib.contextmanager
+    def isolate(self, client: Client) -> Iterator[None]:
+        """While the block runs the server has no route to `client`'s own address, so in a VPN
+        session nothing can come back outside the tunnel, whatever an application puts in its
+        signalling (a SIP peer's media address, say)."""
+        self.run(self.server, ["ip", "route", "del", client.subnet])
+        try:
+            yield
+        finally:
+            self.run(
+                self.server, ["ip", "route", "replace", client.subnet, "via", ROUTER_SERVER_ADDR]
+            )
 
     def log(self, name: str) -> str:
         path = self.state / f"{name}.log"
@@ -233,12 +251,14 @@ def _create(lab: Lab) -> None:
             )
     _address(lab.router, "srv", ROUTER_SERVER_ADDR, SERVER_NET.prefixlen)
     _address(lab.server, "in", SERVER_ADDR, SERVER_NET.prefixlen)
-    _route(lab.server, str(CLIENT_NET), ROUTER_SERVER_ADDR)
     _route(lab.server, str(TUNNEL_NET), ROUTER_SERVER_ADDR)
     for c in lab.clients:
         _address(lab.router, f"c{c.index}", c.gateway, 30)
         _address(c.ns, "out", c.addr, 30)
         _route(c.ns, str(SERVER_NET), c.gateway)
+        # one route per client link, so a VPN session can take its client's away (see
+        # Lab.isolate): the server then has no way back except through the tunnel
+        _route(lab.server, c.subnet, ROUTER_SERVER_ADDR)
     names = {lab.router: ["srv", *(f"c{c.index}" for c in lab.clients)], lab.server: ["in"]}
     names.update({c.ns: ["out"] for c in lab.clients})
     lab.offloads_off = all(_offloads_off(ns, ifs) for ns, ifs in names.items())
