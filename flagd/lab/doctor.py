@@ -85,8 +85,11 @@ REQUIREMENTS: dict[str, Requirement] = {
         Requirement("wg", "wireguard-tools", _which("wg")),
     )
 }
-# Needed by every lab run whatever the classes: namespaces, shaping, offloads, certificates.
-BASE = ("ip", "tc", "setpriv", "ethtool", "openssl")
+# Needed by every lab run whatever the classes: namespaces, shaping, certificates.
+BASE = ("ip", "tc", "setpriv", "openssl")
+# Wanted by every run but not fatal: without ethtool segmentation offloads stay on (pyroute2
+# cannot turn TSO off on a veth) and captures may hold 64 KiB frames; the manifest says so.
+RECOMMENDED = ("ethtool",)
 # swaks talks STARTTLS only with these two Perl libraries present.
 EXTRA = {"swaks": ("perl Net::SSLeay", "perl IO::Socket::SSL")}
 
@@ -140,8 +143,9 @@ class Report:
 
 def diagnose(apps: dict[str, list[tuple[str, tuple[str, ...]]]]) -> Report:
     """`apps`: class -> [(app name, programs)]. One row per program each app needs."""
-    rows = [("(all)", "(lab)", name, REQUIREMENTS[name].installed) for name in BASE]
-    gone = [REQUIREMENTS[name] for name in BASE if not REQUIREMENTS[name].installed]
+    base = (*BASE, *RECOMMENDED)
+    rows = [("(all)", "(lab)", name, REQUIREMENTS[name].installed) for name in base]
+    gone = [REQUIREMENTS[name] for name in base if not REQUIREMENTS[name].installed]
     for label, entries in apps.items():
         for app, programs in entries:
             for name in expand(programs):

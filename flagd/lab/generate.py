@@ -301,6 +301,7 @@ def generate(
                 "server": lab.server,
                 "server_addr": lab.server_addr,
                 "clients": [{"ns": c.ns, "iface": c.ifname, "addr": c.addr} for c in lab.clients],
+                # False: segmentation offloads stayed on (no ethtool), frames may exceed the MTU
                 "offloads_off": lab.offloads_off,
             }
             ctx = RunContext(
