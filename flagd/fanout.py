@@ -52,6 +52,7 @@ def _capture_process(index: int, spec: WorkerSpec, out: mp.Queue, stop: mp.Event
     """One capture process: socket -> decode -> flow table -> updates to the main process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when to stop
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    parent = os.getppid()
     try:
         cap = open_capture(spec.iface, bpf=spec.bpf, promisc=spec.promisc, fanout=spec.group)
         if spec.user:
@@ -78,6 +79,9 @@ def _capture_process(index: int, spec: WorkerSpec, out: mp.Queue, stop: mp.Event
                 "queue_drops": lost, "final": final}
 
     while not stop.is_set():
+        if os.getppid() != parent:  # the main process is gone: nobody reads our updates
+            cap.close()
+            return
         frames = cap.read(0.1)
         if len(frames):
             send(table.add(decode(frames)))

@@ -391,6 +391,8 @@ class LiveSource:
                 for ev in self.links.poll(0):
                     state = "removed" if ev.removed else ("up" if ev.up else f"down ({ev.operstate})")
                     self.notice(f"link {ev.name} is {state}")
+                    if ev.removed:  # it cannot come back under this socket: stop, say why
+                        raise OSError(f"interface {ev.name} was removed")
 
     def kernel_drops(self) -> int:
         return self.capture.stats().dropped

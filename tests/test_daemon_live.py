@@ -27,11 +27,26 @@ if why:
     pytest.skip(why, allow_module_level=True)
 
 
+_started: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_daemon_left_behind():
+    """A test that fails half-way must not leave its daemon capturing."""
+    yield
+    while _started:
+        proc = _started.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def start_daemon(iface: str, log: Path, model: Path, *extra: str) -> subprocess.Popen:
     proc = subprocess.Popen(
         [sys.executable, "-m", "flagd", "run", "--iface", iface, "--no-dashboard", "--log", str(log),
          "--model", str(model), "--stats-interval", "1", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _started.append(proc)
     deadline = time.monotonic() + 30
     while not log.exists():  # the log opens once the capture socket is open
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -205,3 +220,17 @@ def test_link_down_and_up_is_reported_not_fatal(tmp_path, tiny_bundle):
     assert f"link {pair.a.ifname} is down" in err and f"link {pair.a.ifname} is up" in err
     cls = [e for e in read_events(log) if e["event_type"] == "classification"]
     assert sorted(e["src_port"] for e in cls) == sorted(f.sport for f in flows)
+
+
+def test_removed_interface_stops_the_daemon_with_its_reason(tmp_path, tiny_bundle):
+    log = tmp_path / "events.jsonl"
+    with veth_pair(root_end=True) as pair:
+        proc = start_daemon(pair.a.ifname, log, tiny_bundle)
+        pair.run_udp(count=4, size=50)
+        subprocess.run(["ip", "link", "del", pair.a.ifname], check=True)
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 1
+    assert f"interface {pair.a.ifname} was removed" in err and "Traceback" not in err
+    events = read_events(log)  # what was captured before is still written, stats included
+    assert [e["event_type"] for e in events].count("classification") == 1
+    assert events[-1]["event_type"] == "stats" and events[-1]["stats"]["final"]

@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 
 from tests.netns import netns_unavailable, veth_pair
-from tests.test_daemon_live import read_events, start_daemon, stop_daemon
+from tests.test_daemon_live import _no_daemon_left_behind, read_events, start_daemon, stop_daemon  # noqa: F401
 
 pytestmark = pytest.mark.netns
 
