@@ -61,13 +61,14 @@ def replay_soak(hours: float, rate: float, model: bool, every: float) -> None:
     # flows metered at each sample time, from the stats events' uptime
     up = np.array([s_["uptime"] for s_ in stats])
     fl = np.array([s_["flows"] for s_ in stats])
-    samples = [(t - t0, r / MiB) for t, r in rss.samples]
+    # only samples the stats events bracket: outside them np.interp would clamp the flow count
+    samples = [(t - t0, r / MiB) for t, r in rss.samples if up[0] <= t - t0 <= up[-1]]
     flows_at = np.interp([t for t, _ in samples], up, fl)
     print(f"replay soak: {hours:g} h of {rate:,.0f} new flows/s on the capture clock = {n:,} flows, "
           f"{'tiny model' if model else 'no model'}; exit {code} {err.strip()[-200:]}")
     print("RSS samples (flows metered, MiB): " + ", ".join(
         f"{f / 1e6:.2f}M:{r:.0f}" for f, (_, r) in zip(flows_at, samples, strict=True)))
-    half = [(f, r) for f, (_, r) in zip(flows_at, samples, strict=True) if f >= n / 4 and f < n]
+    half = [(f, r) for f, (_, r) in zip(flows_at, samples, strict=True) if n / 4 <= f < 0.999 * n]
     if len(half) >= 3:
         x = np.array([f for f, _ in half]) / 1e6
         y = np.array([r for _, r in half])
