@@ -103,6 +103,7 @@ def replay(
     batch_size: Annotated[int | None, typer.Option(help="Most flows per inference batch.")] = None,
     batch_delay_ms: Annotated[float | None, typer.Option(help="Longest wait for a batch to fill.")] = None,
     stats_interval: Annotated[float | None, typer.Option(help="Seconds between stats events (0: only the final one).")] = None,
+    anonymize: Annotated[bool | None, typer.Option("--anonymize/--no-anonymize", help="Keyed-hash pseudonyms instead of addresses in events (key: anonymize_key in the config file).")] = None,
 ) -> None:
     """Run the classification pipeline on a capture file and write its events."""
     from flagd.daemon import RunConfig
@@ -111,7 +112,8 @@ def replay(
     pace = _speed(speed)
     try:
         cfg = RunConfig.load(config, log=log, dashboard=dashboard, batch_size=batch_size,
-                             batch_delay_ms=batch_delay_ms, stats_interval=stats_interval)
+                             batch_delay_ms=batch_delay_ms, stats_interval=stats_interval,
+                             anonymize=anonymize)
     except ValueError as e:
         raise fail(str(e)) from None
     _serve(cfg, model, no_model, lambda settings: FileSource(str(capture), pace))
@@ -132,6 +134,7 @@ def run(
     batch_delay_ms: Annotated[float | None, typer.Option(help="Longest wait for a batch to fill.")] = None,
     stats_interval: Annotated[float | None, typer.Option(help="Seconds between stats events.")] = None,
     workers: Annotated[int | None, typer.Option(help="Capture processes in one AF_PACKET fanout group (flows hashed symmetrically).")] = None,
+    anonymize: Annotated[bool | None, typer.Option("--anonymize/--no-anonymize", help="Keyed-hash pseudonyms instead of addresses in events (key: anonymize_key in the config file).")] = None,
 ) -> None:
     """Capture live traffic on an interface and classify every flow."""
     from flagd.capture import open_capture
@@ -142,7 +145,8 @@ def run(
     try:
         cfg = RunConfig.load(config, iface=iface, log=log, bpf=bpf, promisc=promisc, user=user,
                              dashboard=dashboard, batch_size=batch_size, workers=workers,
-                             batch_delay_ms=batch_delay_ms, stats_interval=stats_interval)
+                             batch_delay_ms=batch_delay_ms, stats_interval=stats_interval,
+                             anonymize=anonymize)
     except ValueError as e:
         raise fail(str(e)) from None
     if not cfg.iface:

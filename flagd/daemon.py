@@ -81,8 +81,16 @@ def serve(source: Source, classifier: Classifier | None, cfg: RunConfig,
     """Run the pipeline to its end (source exhausted, or SIGINT/SIGTERM); returns it."""
     from flagd.capture import drop_privileges
 
-    log = JsonlSink(cfg.log)
+    pipe = Pipeline(source, classifier, [], settings)
+    # Signals first: logrotate may send SIGHUP the moment the log exists.
+    old = _install_signals(pipe)
+    try:
+        log = JsonlSink(cfg.log)
+    except OSError:
+        _restore_signals(old)
+        raise
     recent = RecentEvents()
+    pipe.sinks += [log, recent]
     notices: list[str] = []
 
     def notice(msg: str) -> None:
@@ -91,27 +99,30 @@ def serve(source: Source, classifier: Classifier | None, cfg: RunConfig,
 
     if hasattr(source, "notice"):
         source.notice = notice
-    if user:
-        # Everything imported later must be importable by `user`: the interpreter may live in
-        # a directory only root can read (e.g. under /root), so import it all now.
-        import numpy.ma  # noqa: F401  (numpy imports it lazily, e.g. for percentiles)
-        import rich.live  # noqa: F401
-
-        import flagd.dashboard  # noqa: F401
-        drop_privileges(user)  # the socket and the log are open: nothing else needs root
-    pipe = Pipeline(source, classifier, [log, recent], settings)
     dashboard = cfg.dashboard if cfg.dashboard is not None else (sys.stdout.isatty() and cfg.log != "-")
-    old = _install_signals(pipe)
     try:
+        if user:
+            # Everything imported later must be importable by `user`: the interpreter may live
+            # in a directory only root can read (e.g. under /root), so import it all now.
+            import numpy.ma  # noqa: F401  (numpy imports it lazily, e.g. for percentiles)
+            import rich.live  # noqa: F401
+
+            import flagd.dashboard  # noqa: F401
+            drop_privileges(user)  # the socket and the log are open: nothing else needs root
         if dashboard:
             _with_dashboard(pipe, source, classifier, recent, notices)
         else:
             pipe.run()
     finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
+        _restore_signals(old)
         log.close()
     return pipe
+
+
+def _restore_signals(old: dict) -> None:
+    for sig, handler in old.items():
+        # A rotation racing our exit must not kill us with SIGHUP's default action.
+        signal.signal(sig, signal.SIG_IGN if sig == signal.SIGHUP else handler)
 
 
 def _install_signals(pipe: Pipeline) -> dict:

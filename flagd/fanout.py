@@ -66,12 +66,18 @@ def _capture_process(index: int, spec: WorkerSpec, out: mp.Queue, stop: mp.Event
     next_stats = next_tick = time.monotonic()
 
     def send(updates: list[FlowUpdate], block: bool = False) -> None:
+        """Hand updates on; drop (counted) when the main process lags, except at the end."""
         nonlocal lost
-        if updates:
+        if not updates:
+            return
+        while True:
             try:
-                out.put(("updates", index, updates), block=block, timeout=5 if block else None)
+                out.put(("updates", index, updates), block=block, timeout=1 if block else None)
+                return
             except queue.Full:
-                lost += len(updates)
+                if not block or os.getppid() != parent:
+                    lost += len(updates)
+                    return
 
     def stats(final: bool = False) -> dict:
         c = cap.stats()

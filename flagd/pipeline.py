@@ -178,6 +178,8 @@ class Pipeline:
                 if kind == END:
                     queued.discard(f.flow_id)
                     self.event_q.put((END, f))
+            if len(queued) > self._max_pending:  # ends lost to a full queue never come
+                queued.clear()
             if pending and (len(pending) >= size or time.monotonic() - oldest >= delay):
                 self._send(pending)
                 pending = []
@@ -251,6 +253,8 @@ class Pipeline:
                 self._emit(flow_event(self._waiting.pop(fid), None, h, unclassified=_SHED))
             else:
                 self._shed.add(fid)
+                if len(self._shed) > self._max_pending:  # its end was lost to a full queue
+                    self._shed.clear()
 
     def stats(self, final: bool = False) -> dict:
         now = time.monotonic()
@@ -279,6 +283,7 @@ class Pipeline:
                 + (self.source.queue_drops() if fanout else 0),
                 "flow_table_eviction": fs.evicted,
                 "batch_queue": self.counters.batch_queue_drops,
+                "log_write": sum(getattr(sink, "failed", 0) for sink in self.sinks),
             },
             "skipped": dict(fs.skipped),
             "queues": {"flows": self.flow_q.qsize(), "batches": self.batch_q.qsize(),

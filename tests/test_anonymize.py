@@ -58,3 +58,17 @@ def test_anonymize_without_a_key_is_refused_in_one_line(tmp_path, tiny_bundle):
     code, err, events = replay(tmp_path, tiny_bundle, "anonymize = true\n", "nokey")
     assert code == 1 and "anonymize_key" in err and err.strip().count("\n") == 0
     assert events == []
+
+
+def test_anonymize_flag_takes_the_key_from_the_config(tmp_path, tiny_bundle):
+    cap = tmp_path / "flows.pcap"
+    floodgen.write_flood(cap, "random", 600, real_flows=5)
+    cfg = tmp_path / "key.toml"
+    cfg.write_text('anonymize_key = "k1"\n')
+    log = tmp_path / "flag.jsonl"
+    r = CliRunner().invoke(app, ["replay", str(cap), "--model", str(tiny_bundle), "--log", str(log),
+                                 "--config", str(cfg), "--anonymize"])
+    assert r.exit_code == 0, r.stderr
+    events = [json.loads(x) for x in log.read_text().splitlines()]
+    flows = [e for e in events if e["event_type"] == "flow"]
+    assert flows and all(e["src_ip"].startswith("anon-") and e["dest_ip"].startswith("anon-") for e in flows)
