@@ -87,7 +87,7 @@ def bench(name: str, args: argparse.Namespace) -> None:
     # the very same weights, prepared the daemon's way
     fast = prepare_for_inference(copy.deepcopy(model), quantize=not args.no_quantize)
     params = sum(p.numel() for p in model.parameters())
-    n = args.flows or DEFAULT_FLOWS[name]
+    n = args.flows or DEFAULT_FLOWS.get(name, 1024)
     print(
         f"\n{name}: {cfg.n_layer} layers x {cfg.n_embd} hidden, {cfg.n_head} heads, "
         f"MLP x{cfg.mlp_ratio}, {params / 1e6:.2f} M parameters (vocab {cfg.vocab_size}), "
