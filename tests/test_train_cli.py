@@ -110,3 +110,30 @@ def test_evaluate_writes_report_and_heatmap(trained, tmp_path):
     assert report["n_flows"] == 180
     assert sum(map(sum, report["confusion"])) == 180
     assert rep.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pretrain_then_finetune_commands_make_a_bundle(tmp_path):
+    tree = make_tree(tmp_path / "tree")
+    ds = tmp_path / "all.npz"
+    assert runner.invoke(app, ["dataset", "build", str(tree), "-o", str(ds)]).exit_code == 0
+    from flagd.dataset import Dataset
+
+    d = Dataset.load(ds)
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(d))
+    d.subset(order[:120]).save(tmp_path / "train.npz")
+    d.subset(order[120:]).save(tmp_path / "val.npz")
+    vocab = tmp_path / "v.json"
+    assert runner.invoke(app, ["vocab", "build", str(ds), "-o", str(vocab), "--size", "600"]).exit_code == 0
+    r = runner.invoke(app, ["pretrain", str(ds), "--vocab", str(vocab), "--preset", "tiny",
+                            "--max-len", "48", "--epochs", "1", "-o", str(tmp_path / "pre")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["finetune", str(tmp_path / "train.npz"), str(tmp_path / "val.npz"),
+                            "--vocab", str(vocab), "--init", str(tmp_path / "pre" / "best.pt"),
+                            "--epochs", "2", "-o", str(tmp_path / "ft")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["evaluate", str(tmp_path / "ft" / "model"), str(tmp_path / "val.npz")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["finetune", str(tmp_path / "train.npz"), str(tmp_path / "val.npz"),
+                            "--vocab", str(vocab), "-o", str(tmp_path / "ft2")])
+    assert r.exit_code == 2 and "--no-pretrain" in r.output
