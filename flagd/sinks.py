@@ -84,6 +84,22 @@ class JsonlSink:
             self._fd = -1
 
 
+class MemorySink:
+    """Every event in a list: for embedding the pipeline in other programs, and for tests."""
+
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+
+    def write(self, event: dict) -> None:
+        self.events.append(event)
+
+    def reopen(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class RecentEvents:
     """What the dashboard shows: class counts and the last few classified flows (bounded)."""
 

@@ -42,23 +42,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from flagd.lab.topology import OFFLOADS
+
 TEST_NET = ipaddress.ip_network("198.51.100.0/24")  # RFC 5737 TEST-NET-2: never routed anywhere
 _LOCK = Path(tempfile.gettempdir()) / "flagd-netns.lock"
 _SCRIPT = Path(__file__).resolve()
 _counter = itertools.count()
 _cert_dir: Path | None = None
-# Offload features that make the kernel hand a capture 64 KiB super-packets instead of segments.
-_OFFLOADS = (
-    "tx-tcp-segmentation",
-    "tx-tcp6-segmentation",
-    "tx-tcp-ecn-segmentation",
-    "tx-tcp-mangleid-segmentation",
-    "tx-generic-segmentation",
-    "tx-udp-segmentation",
-    "rx-gro",
-    "rx-gro-list",
-    "rx-udp-gro-forwarding",
-)
 
 
 class Flow(NamedTuple):
@@ -256,7 +246,7 @@ def _offloads_off(*ifnames: str) -> bool:
         with Ethtool() as eth:
             for name in ifnames:
                 feats = eth.get_features(name)
-                for key in _OFFLOADS:
+                for key in OFFLOADS:
                     if key in feats.features:
                         feats.features[key].enable = False
                 eth.set_features(name, feats)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from flagd.pipeline import FileSource, Pipeline, PipelineSettings
-from flagd.sinks import JsonlSink
+from flagd.sinks import JsonlSink, MemorySink
 from tests import floodgen
 
 
@@ -101,25 +101,13 @@ def tiny_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-class ListSink:
-    def __init__(self) -> None:
-        self.events: list[dict] = []
-
-    def write(self, event: dict) -> None:
-        self.events.append(event)
-
-    def reopen(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def test_full_disk_keeps_whole_lines_and_the_pipeline_keeps_counting(tmp_path, tiny_disk):
     cap = floodgen.write_flood(tmp_path / "flood.pcap", "syn", 3000).path
     warnings: list[str] = []
     log = JsonlSink(tiny_disk / "events.jsonl", warn=warnings.append)
-    other = ListSink()
+    other = MemorySink()
     pipe = Pipeline(FileSource(str(cap)), None, [log, other], PipelineSettings(stats_interval=0))
     pipe.run()
     log.close()

@@ -22,6 +22,7 @@ from flagd.events import Prediction
 from flagd.flows import FlowSettings
 from flagd.frames import LINKTYPE_ETHERNET, Frames
 from flagd.pipeline import Pipeline, PipelineSettings
+from flagd.sinks import MemorySink
 from tests import floodgen
 from tests.netns import netns_unavailable
 
@@ -139,25 +140,13 @@ class BurstSource:
         pass
 
 
-class ListSink:
-    def __init__(self) -> None:
-        self.events: list[dict] = []
-
-    def write(self, event: dict) -> None:
-        self.events.append(event)
-
-    def reopen(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def test_overload_sheds_at_the_batch_queue_counts_it_and_still_ends_every_flow():
     n = 20_000
     records = floodgen.flood_records("random", n, seed=3)  # one relevant packet per flow
     clf = SlowClassifier(delay=0.05)  # 64 flows per 50 ms: ~1,300 flows/s against ~100,000/s
-    sink = ListSink()
+    sink = MemorySink()
     settings = PipelineSettings(flows=FlowSettings(ready_packets=1), batch_size=64,
                                 batch_queue=4, stats_interval=0.2)
     pipe = Pipeline(BurstSource(records, 500), clf, [sink], settings)
@@ -233,7 +222,7 @@ def test_live_source_end_flushes_every_flow_without_dropping():
     """A live source never blocks capture, but once capture has stopped the final flush may
     wait: every open flow still gets its flow event."""
     n = 5000
-    sink = ListSink()
+    sink = MemorySink()
     pipe = Pipeline(BurstSource(floodgen.flood_records("random", n, seed=4), 500), None, [sink],
                     PipelineSettings(flow_queue=2, stats_interval=0))
     counters = pipe.run()
