@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from flagd.lab.topology import OFFLOADS
+from flagd.lab.topology import offloads_off as _lab_offloads_off
 
 TEST_NET = ipaddress.ip_network("198.51.100.0/24")  # RFC 5737 TEST-NET-2: never routed anywhere
 _LOCK = Path(tempfile.gettempdir()) / "flagd-netns.lock"
@@ -198,7 +198,7 @@ def veth_pair(*, root_end: bool = False) -> Iterator[VethPair]:
         with IPRoute() as ipr:
             ipr.link("add", ifname=if_a, kind="veth", peer={"ifname": if_b})
             created.append(if_a)
-        offloads_off = _offloads_off(if_a, if_b)
+        offloads_off = _lab_offloads_off(None, [if_a, if_b])
         with IPRoute() as ipr:
             ipr.link("set", index=ipr.link_lookup(ifname=if_b)[0], net_ns_fd=ns_b)
             if ns_a:
@@ -235,24 +235,6 @@ def _configure(ns: str | None, ifname: str, addr: str, prefixlen: int) -> None:
         ipr.link("set", index=index, state="up")
         if ns:
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-
-
-def _offloads_off(*ifnames: str) -> bool:
-    """ethtool -K tso/gso/gro off, through pyroute2's ioctl; False where unsupported (captures
-    then just see bigger frames)."""
-    try:
-        from pyroute2 import Ethtool
-
-        with Ethtool() as eth:
-            for name in ifnames:
-                feats = eth.get_features(name)
-                for key in OFFLOADS:
-                    if key in feats.features:
-                        feats.features[key].enable = False
-                eth.set_features(name, feats)
-    except Exception:  # noqa: BLE001 - best effort by design
-        return False
-    return True
 
 
 def _sysctl_write(key: str, value: str) -> None:

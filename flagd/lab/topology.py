@@ -261,7 +261,7 @@ def _create(lab: Lab) -> None:
         _route(lab.server, c.subnet, ROUTER_SERVER_ADDR)
     names = {lab.router: ["srv", *(f"c{c.index}" for c in lab.clients)], lab.server: ["in"]}
     names.update({c.ns: ["out"] for c in lab.clients})
-    lab.offloads_off = all(_offloads_off(ns, ifs) for ns, ifs in names.items())
+    lab.offloads_off = all(offloads_off(ns, ifs) for ns, ifs in names.items())
 
 
 def _sysctls(ns: str) -> None:
@@ -294,12 +294,12 @@ def _route(ns: str, dst: str, gateway: str) -> None:
         ipr.route("add", dst=dst, gateway=gateway)
 
 
-def _offloads_off(ns: str, ifnames: list[str]) -> bool:
-    """ethtool -K tso/gso/gro off inside `ns`; False where refused (captures then hold bigger
-    frames; the manifest records it). pyroute2's Ethtool leaves TSO on for veths, so the ethtool
-    program is preferred and pyroute2 is only the fallback."""
+def offloads_off(ns: str | None, ifnames: list[str]) -> bool:
+    """ethtool -K tso/gso/gro off inside `ns` (None: this process's namespace); False where
+    refused (captures then hold bigger frames; the manifest records it). pyroute2's Ethtool
+    leaves TSO on for veths, so the ethtool program is preferred and pyroute2 is the fallback."""
     if shutil.which("ethtool"):
-        argv = ["ip", "netns", "exec", ns, "ethtool", "-K"]
+        argv = [*(["ip", "netns", "exec", ns] if ns else []), "ethtool", "-K"]
         return all(
             subprocess.run(
                 [*argv, name, "tso", "off", "gso", "off", "gro", "off"], capture_output=True
@@ -310,7 +310,7 @@ def _offloads_off(ns: str, ifnames: list[str]) -> bool:
     try:
         from pyroute2 import Ethtool
 
-        with in_netns(ns), Ethtool() as eth:
+        with in_netns(ns) if ns else contextlib.nullcontext(), Ethtool() as eth:
             for name in ifnames:
                 feats = eth.get_features(name)
                 for key in OFFLOADS:
