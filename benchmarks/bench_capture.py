@@ -21,7 +21,6 @@ import argparse
 import json
 import mmap
 import os
-import platform
 import socket
 import struct
 import subprocess
@@ -30,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine import machine  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # for tests.netns, the namespace harness
@@ -240,15 +240,6 @@ def drain_cost(pair, mode: str, count: int) -> float:
         )
     return elapsed / got * 1e6
 
-
-def machine() -> str:
-    cpu = "unknown cpu"
-    with open("/proc/cpuinfo") as fh:
-        for line in fh:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}, Python {platform.python_version()}"
 
 
 def main() -> None:

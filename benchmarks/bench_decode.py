@@ -19,8 +19,6 @@ packets into a dict by bidirectional 5-tuple, the least a flow meter does.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -35,6 +33,8 @@ from flagd.packets import Skip, decode
 from flagd.source import read_capture
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from machine import machine  # noqa: E402  (benchmarks/machine.py, beside this script)
+
 from tests import crafted  # noqa: E402  (the pcap writer and the traffic generator)
 
 # A stage takes the decoded batch and the frames it came from; its result is ignored.
@@ -42,16 +42,6 @@ Stage = Callable[[object, Frames], object]
 # Stages with state (a flow table) are built anew for every timed run.
 StageFactory = Callable[[], Stage]
 
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-            f"numpy {np.__version__}, {platform.system()} {platform.release()}")  # fmt: skip
 
 
 def stages(args: argparse.Namespace) -> list[tuple[str, StageFactory]]:
@@ -127,7 +117,7 @@ def main() -> None:
         prefix = crafted.write_pcap(Path(tmp) / "prefix.pcap", recs[: args.scapy_packets],
                                     LINKTYPE_ETHERNET)  # fmt: skip
         size = full.stat().st_size
-        print(f"machine: {machine()}")
+        print("machine:", machine(f"numpy {np.__version__}"))
         print(f"capture: {args.packets} packets, {args.n_flows} flows, {size / 1e6:.1f} MB "
               f"(generated in {time.perf_counter() - t0:.1f} s)")  # fmt: skip
 

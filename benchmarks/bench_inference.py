@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
+from machine import machine  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 from flagd.model import FlagEncoder, ModelConfig, predict_logits, prepare_for_inference
 from flagd.phrases import CLS, EOS, NUM_SPECIAL, PAD, SEP
@@ -32,18 +32,6 @@ from flagd.phrases import CLS, EOS, NUM_SPECIAL, PAD, SEP
 T = 128
 DEFAULT_FLOWS = {"tiny": 4096, "small": 1024, "paper": 64}
 
-
-def machine() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (
-        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, load {os.getloadavg()[0]:.2f}"
-    )
 
 
 def make_flows(n: int, vocab_size: int, lengths: str, seed: int = 0) -> torch.Tensor:
@@ -126,7 +114,8 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print("machine:", machine())
+    print("machine:", machine(f"torch {torch.__version__}", f"{torch.get_num_threads()} threads",
+                              f"load {os.getloadavg()[0]:.2f}"))
     for name in args.presets.split(","):
         bench(name, args)
     print("\nload at the end:", f"{os.getloadavg()[0]:.2f}")

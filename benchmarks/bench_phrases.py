@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import struct
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from machine import machine  # noqa: E402  (benchmarks/machine.py, beside this script)
 from scapy.utils import RawPcapReader
 
 from flagd.phrases import NUM_SPECIAL, PhraseDict
@@ -126,20 +126,6 @@ def in_order_kept(d: PhraseDict, flow: list[bytes], max_len: int) -> int:
     return kept
 
 
-def machine() -> str:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{cpu or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()},"
-        f" numpy {np.__version__}, {platform.system()} {platform.release()}"
-    )
-
 
 def main() -> int:
     default = Path(
@@ -155,7 +141,7 @@ def main() -> int:
         print(f"no data at {root}; set FLAGD_SHARED_DATA or --data", file=sys.stderr)
         return 2
 
-    print(f"machine: {machine()}")
+    print("machine:", machine(f"numpy {np.__version__}"))
     t = time.perf_counter()
     flows = load_flows(root)
     fit_flows = [f for i, f in enumerate(flows) if i % 5]

@@ -16,8 +16,6 @@ With --device cuda (a GPU machine) the worker runs the model in bf16 on the GPU.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import random
 import struct
 import sys
@@ -28,6 +26,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from machine import machine  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 from flagd.frames import LINKTYPE_ETHERNET  # noqa: E402
 from flagd.infer import Bundle, default_model  # noqa: E402
@@ -90,8 +90,7 @@ def main() -> None:
         if not torch.cuda.is_available():
             sys.exit("bench_pipeline: --device cuda but no CUDA device is available here")
     bundle = Bundle.load(a.model, device=a.device)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"Python {platform.python_version()}; model {bundle.name} on {bundle.device}")
+    print("machine:", machine(f"model {bundle.name} on {bundle.device}"))
     with tempfile.TemporaryDirectory(prefix="flagd-bench-") as tmp:
         cap = tls_capture(Path(tmp) / "flows.pcap", a.flows, flows_per_s=1000)
         rates = {}

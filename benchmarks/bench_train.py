@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from bench_inference import machine, make_flows
+from bench_inference import make_flows
+from machine import machine  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 from flagd.model import FlagEncoder, ModelConfig
 from flagd.phrases import NUM_SPECIAL
@@ -81,7 +82,8 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print("machine:", machine(), "| device:", pick_device())
+    print("machine:", machine(f"torch {torch.__version__}", f"{torch.get_num_threads()} threads"),
+          "| device:", pick_device())
     for name in args.presets.split(","):
         batch, steps = SETUP[name]
         cfg = ModelConfig.preset(name, vocab_size=args.vocab_size)

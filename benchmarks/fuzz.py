@@ -18,8 +18,6 @@ Baseline in the same run: the same targets on the unmutated seeds (inputs/s), fo
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import random
 import subprocess
 import sys
@@ -29,14 +27,11 @@ import traceback
 from collections import Counter
 from pathlib import Path
 
+from machine import machine  # noqa: E402  (benchmarks/machine.py, beside this script)
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def machine() -> str:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
-                if ln.startswith("model name")), "unknown cpu")
-    return f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}, Python {platform.python_version()}"
 
 
 class Tally:

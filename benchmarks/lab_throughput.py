@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import shutil
 import tempfile
 import time
 from pathlib import Path
+
+from machine import machine  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 from flagd.lab.apps import APPS, CLASSES
 from flagd.lab.doctor import missing
@@ -28,16 +28,6 @@ from flagd.lab.generate import Settings, generate
 
 BIG = 10  # packets: a flow this long carries more than a handshake or a tracker announce
 
-
-def machine() -> str:
-    cpu = "unknown cpu"
-    with open("/proc/cpuinfo") as fh:
-        for line in fh:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return f"{platform.node()}: {cpu}, {os.cpu_count()} cores, load average {load} at start"
 
 
 def measure(settings: Settings) -> tuple[dict, float]:
