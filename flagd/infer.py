@@ -33,10 +33,6 @@ class BundleError(ValueError):
     """A model bundle that cannot be used, with a one-line reason naming the file."""
 
 
-def pick_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -118,7 +114,7 @@ class Bundle:
             phrases = PhraseDict.load(path / "phrases.json")
         except PhraseDictError as e:
             raise BundleError(str(e)) from None
-        device = device or pick_device()
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
             model, ckpt = load_checkpoint(path / "model.pt")
         except Exception as e:  # weights_only refuses anything but tensors and plain types

@@ -70,7 +70,6 @@ class Counters:
     batch_queue_drops: int = 0  # flows shed because the worker fell behind
     classified: int = 0
     batches: int = 0
-    flows_ended: int = 0
     capture_error: str | None = None
 
 
@@ -237,7 +236,6 @@ class Pipeline:
                 if len(self._preds) > self._max_pending:  # its end was lost to a full queue
                     self._preds.pop(next(iter(self._preds)))
         elif kind == END:
-            self.counters.flows_ended += 1
             if fid in self._preds:
                 self._emit(flow_event(f, self._preds.pop(fid), h))
             elif f.relevant == 0 or self.classifier is None:
