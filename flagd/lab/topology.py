@@ -137,7 +137,7 @@ class Lab:
 
     def check_processes(self) -> None:
         """LabError naming the first long-running process that has exited (a crashed server)."""
-        for proc in self._procs:
+        for proc in list(self._procs):  # session threads add and remove their own
             if proc.poll() is not None and getattr(proc, "must_live", True):
                 argv = proc.args if isinstance(proc.args, list) else [str(proc.args)]
                 name = next((a for a in argv[4:] if not a.startswith("-")), argv[-1])

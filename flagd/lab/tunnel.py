@@ -85,6 +85,10 @@ class WireGuard:
 
     def _interface(self, ns: str, key: Path, port: int) -> None:
         proc = self.lab.popen(ns, ["wireguard-go", "-f", self.ifname(ns)], log=f"wg-{ns}", env=_ENV)
+        if ns != self.lab.router:
+            # a client's ends with its session: between the link going and the reaping, another
+            # client's thread must not take the exit for a crash
+            proc.must_live = False  # type: ignore[attr-defined]
         deadline = time.monotonic() + 10
         while not self._exists(ns):
             if proc.poll() is not None or time.monotonic() > deadline:
