@@ -25,8 +25,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import mmap
-import os
-import pwd
 import select
 import socket
 import struct
@@ -550,48 +548,6 @@ def open_capture(
             raise CaptureError(f"interface {iface!r} went away while opening it") from None
         raise CaptureError(f"cannot set up capture on {iface}: {exc.strerror or exc}") from None
     return LiveCapture(sock, link, linktype, snaplen, mm, block_size, block_count, skip_outgoing)
-
-
-# -- privileges ---------------------------------------------------------------------------------
-
-_PR_CAP_AMBIENT = 47
-_PR_CAP_AMBIENT_CLEAR_ALL = 4
-_PR_SET_NO_NEW_PRIVS = 38
-_LINUX_CAPABILITY_VERSION_3 = 0x20080522
-
-
-def _drop_all_capabilities() -> None:
-    """Empty the ambient, effective, permitted and inheritable sets of this thread."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
-    header = struct.pack("Ii", _LINUX_CAPABILITY_VERSION_3, 0)
-    data = bytes(24)  # two __user_cap_data_struct {effective, permitted, inheritable}, all zero
-    if libc.capset(header, data) != 0:
-        raise CaptureError(f"cannot drop capabilities: {os.strerror(ctypes.get_errno())}")
-
-
-def drop_privileges(user: str) -> None:
-    """Become `user` (no supplementary groups, no capabilities) once the capture is open.
-
-    The open socket keeps working; opening another one will fail. Run it before starting any
-    other thread: set*id changes the whole process, but capabilities are per thread.
-    """
-    try:
-        pw = pwd.getpwnam(user)
-    except KeyError:
-        raise CaptureError(f"cannot drop privileges: no user {user!r}") from None
-    try:
-        if os.geteuid() == 0:
-            os.setgroups([])
-            os.setgid(pw.pw_gid)
-            os.setuid(pw.pw_uid)  # from root to non-root: the kernel clears all capabilities
-        elif os.getuid() != pw.pw_uid:
-            raise CaptureError(f"cannot drop privileges to {user!r}: not running as root")
-    except PermissionError as exc:
-        raise CaptureError(f"cannot drop privileges to {user!r}: {exc.strerror}") from None
-    # Still here with ambient/file capabilities (systemd User= with AmbientCapabilities=): drop them.
-    _drop_all_capabilities()
-    ctypes.CDLL(None).prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
 
 
 # -- link monitoring ---------------------------------------------------------------------------

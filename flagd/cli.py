@@ -76,13 +76,14 @@ def _serve(cfg, model: str | None, no_model: bool, open_source) -> None:
     from flagd.daemon import serve
     from flagd.flows import FlowSettings
     from flagd.packets import DecodeError
+    from flagd.privileges import PrivilegeError
 
     bundle = _load_model(model or cfg.model, no_model, cfg.top_k)  # fail before capturing
     try:
         settings = cfg.pipeline_settings(bundle.settings if bundle else FlowSettings())
         source = open_source(settings)
         pipe = serve(source, bundle, cfg, settings, user=cfg.user)
-    except (OSError, ValueError, CaptureError, DecodeError) as e:
+    except (OSError, ValueError, CaptureError, DecodeError, PrivilegeError) as e:
         raise fail(str(e)) from None
     problem = source.problem()
     if problem:  # e.g. a file cut short: what was read was processed, and we say so
@@ -137,6 +138,9 @@ def run(
     anonymize: Annotated[bool | None, typer.Option("--anonymize/--no-anonymize", help="Keyed-hash pseudonyms instead of addresses in events (key: anonymize_key in the config file).")] = None,
 ) -> None:
     """Capture live traffic on an interface and classify every flow."""
+    from flagd.privileges import forbid_new_privileges
+
+    forbid_new_privileges()  # first: the flag reaches only threads started after it (numpy's, torch's)
     from flagd.capture import open_capture
     from flagd.daemon import RunConfig
     from flagd.fanout import FanoutSource

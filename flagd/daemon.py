@@ -79,7 +79,7 @@ class RunConfig:
 def serve(source: Source, classifier: Classifier | None, cfg: RunConfig,
           settings: PipelineSettings, user: str | None = None) -> Pipeline:
     """Run the pipeline to its end (source exhausted, or SIGINT/SIGTERM); returns it."""
-    from flagd.capture import drop_privileges
+    from flagd.privileges import drop_privileges
 
     pipe = Pipeline(source, classifier, [], settings)
     # Signals first: logrotate may send SIGHUP the moment the log exists.

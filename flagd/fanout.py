@@ -23,9 +23,10 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from flagd.capture import CaptureError, drop_privileges, open_capture
+from flagd.capture import CaptureError, open_capture
 from flagd.flows import Expiry, FlowSettings, FlowStats, FlowTable, FlowUpdate
 from flagd.packets import decode
+from flagd.privileges import PrivilegeError, drop_privileges
 
 STATS_EVERY = 1.0  # seconds between a capture process's stats messages
 
@@ -57,7 +58,7 @@ def _capture_process(index: int, spec: WorkerSpec, out: mp.Queue, stop: mp.Event
         cap = open_capture(spec.iface, bpf=spec.bpf, promisc=spec.promisc, fanout=spec.group)
         if spec.user:
             drop_privileges(spec.user)
-    except (CaptureError, OSError) as e:
+    except (CaptureError, PrivilegeError, OSError) as e:
         out.put(("error", index, str(e)))
         return
     out.put(("ready", index, None))

@@ -24,11 +24,11 @@ from flagd.capture import (
     CaptureError,
     LinkMonitor,
     check_interface,
-    drop_privileges,
     list_interfaces,
     open_capture,
 )
 from flagd.frames import LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL, LINKTYPE_RAW, Frames
+from flagd.privileges import PrivilegeError, drop_privileges
 from tests.netns import Flow, VethPair, netns_unavailable, veth_pair
 
 pytestmark = [
@@ -287,7 +287,8 @@ def test_without_cap_net_raw_the_error_says_how_to_grant_it() -> None:
 def test_drop_privileges_keeps_the_socket_and_nothing_else() -> None:
     code = """
 import json, os, socket, time
-from flagd.capture import open_capture, drop_privileges, CaptureError
+from flagd.capture import open_capture, CaptureError
+from flagd.privileges import drop_privileges
 rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 rx.bind(('127.0.0.1', 0))
 port = rx.getsockname()[1]
@@ -319,7 +320,7 @@ print(json.dumps(dict(uid=os.getuid(), euid=os.geteuid(), gid=os.getgid(), group
 
 
 def test_drop_privileges_to_unknown_user_changes_nothing() -> None:
-    with pytest.raises(CaptureError, match="no user 'flagd-no-such-user'"):
+    with pytest.raises(PrivilegeError, match="no user 'flagd-no-such-user'"):
         drop_privileges("flagd-no-such-user")
     assert os.geteuid() == 0
 

@@ -113,7 +113,5 @@ def _is_main(status: str) -> bool:
     return f["Pid"] == f["Tgid"]
 
 
-@pytest.mark.xfail(strict=True, reason="no_new_privs is per thread: threads started before "
-                   "drop_privileges (torch's, when the bundle loads) do not get it")
 def test_user_option_sets_no_new_privs_in_every_thread(daemon_threads):
     assert all("NoNewPrivs:\t1" in s for s in daemon_threads)
