@@ -15,6 +15,7 @@ per-flow 5-tuples with totals), plus a per-class summary with flows per minute.
 Classes and applications (`apps.CLASSES`):
 
     chat           xmpp-starttls, xmpp-tls       prosody; slixmpp client, echo bot
+                   irc-tls                       ngircd (TLS only); Python client, echo bot
     email          smtp-starttls, smtps, imaps   postfix + dovecot; swaks, Python imaplib
     file-transfer  sftp, scp, https-download     OpenSSH; nginx + curl
     streaming      hls-https                     nginx HLS (ffmpeg-made); ffmpeg at playback rate

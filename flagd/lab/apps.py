@@ -115,6 +115,18 @@ class App:
 # -- chat: prosody + slixmpp -------------------------------------------------------------------
 
 
+def _chat_params(rng: random.Random, seconds: float) -> dict:
+    """One chat session: `messages` texts of `min_len`..`max_len` characters, `rate` a second."""
+    rate = rng.choice([0.3, 0.5, 1.0, 2.0, 4.0])
+    return {
+        "messages": max(2, int(rate * seconds * rng.uniform(0.5, 0.9))),
+        "rate": rate,
+        "min_len": rng.randint(1, 20),
+        "max_len": rng.choice([60, 200, 800]),
+        "seed": rng.randrange(1 << 30),
+    }
+
+
 class Xmpp(App):
     """XMPP chat with prosody; a slixmpp echo bot in the server namespace answers every message."""
 
@@ -184,14 +196,7 @@ VirtualHost "{DOMAIN}"
         ctx.shared["xmpp"] = (starttls, direct)
 
     def params(self, rng: random.Random, seconds: float) -> dict:
-        rate = rng.choice([0.3, 0.5, 1.0, 2.0, 4.0])
-        return {
-            "messages": max(2, int(rate * seconds * rng.uniform(0.5, 0.9))),
-            "rate": rate,
-            "min_len": rng.randint(1, 20),
-            "max_len": rng.choice([60, 200, 800]),
-            "seed": rng.randrange(1 << 30),
-        }
+        return _chat_params(rng, seconds)
 
     def session(self, ctx: RunContext, client: Client, params: dict) -> int:
         starttls, direct = ctx.shared["xmpp"]
@@ -213,6 +218,91 @@ class XmppTls(Xmpp):
     name = "xmpp-tls"
     plaintext_start = False
     direct_tls = True
+
+
+# -- chat: ngircd (IRC over TLS) + a standard-library client and echo bot -----------------------
+
+_IRC_BOT = "bot"
+
+
+def _irc_channel(client: Client) -> str:
+    # one channel per lab client: parallel sessions never see each other's messages
+    return f"#lab{client.index}"
+
+
+class IrcTls(App):
+    """IRC over TLS (port 6697) with ngircd; an echo bot in the server namespace, in every
+    client's channel, repeats each channel message back (two-way traffic, like the XMPP bot)."""
+
+    label = "chat"
+    name = "irc-tls"
+    programs = ("ngircd",)
+
+    def start(self, ctx: RunContext) -> None:
+        if "irc" in ctx.shared:
+            return
+        lab = ctx.lab
+        base = ctx.workdir("ngircd")
+        port = ctx.port(6697, "ircs")
+        conf = base / "ngircd.conf"
+        # No [Global] Ports: ngircd then opens no plaintext listener at all, only [SSL] Ports.
+        # No DNS or ident lookups (an ident query would be a connection back to the client),
+        # no PAM; MaxConnectionsIP 0 (no limit): a killed session may leave its connection.
+        conf.write_text(
+            f"""[Global]
+Name = irc.{DOMAIN}
+Info = flagd lab IRC
+AdminInfo1 = flagd lab
+AdminInfo2 = {DOMAIN}
+AdminEMail = admin@{DOMAIN}
+Listen = {SERVER_ADDR}
+MotdPhrase = Welcome to the flagd lab.
+PidFile = {base}/ngircd.pid
+ServerUID = irc
+ServerGID = irc
+[Limits]
+MaxConnectionsIP = 0
+[Options]
+DNS = no
+Ident = no
+PAM = no
+[SSL]
+CertFile = {ctx.pki.chain}
+KeyFile = {ctx.pki.key}
+Ports = {port}
+"""
+        )
+        _chown(base, "irc")
+        # as irc from the start (setpriv), in the foreground: teardown kills its process group
+        proc = lab.popen(
+            lab.server, ["/usr/sbin/ngircd", "--nodaemon", "--config", str(conf)],
+            user="irc", log="ngircd",
+        )  # fmt: skip
+        wait_tcp(lab, port, proc=proc)
+        bot = lab.popen(
+            lab.server,
+            [sys.executable, str(HERE / "irc_client.py"), "echo", f"--host={SERVER_ADDR}",
+             f"--port={port}", f"--ca={ctx.pki.ca}", f"--nick={_IRC_BOT}",
+             "--channels=" + ",".join(_irc_channel(c) for c in lab.clients)],
+            stdout=subprocess.PIPE, stderr=open(lab.state / "irc-bot.log", "ab"), text=True,
+        )  # fmt: skip
+        if _readline(bot, 20) != "ready":
+            raise LabError(f"IRC echo bot did not join: {lab.log('irc-bot')[-300:]}")
+        ctx.shared["irc"] = port
+
+    def params(self, rng: random.Random, seconds: float) -> dict:
+        return _chat_params(rng, seconds)
+
+    def session(self, ctx: RunContext, client: Client, params: dict) -> int:
+        argv = [
+            sys.executable, str(HERE / "irc_client.py"), "chat", f"--host={SERVER_ADDR}",
+            f"--port={ctx.shared['irc']}", f"--ca={ctx.pki.ca}", f"--nick=user{client.index}",
+            f"--channel={_irc_channel(client)}", f"--peer={_IRC_BOT}",
+            f"--messages={params['messages']}", f"--rate={params['rate']}",
+            f"--min-len={params['min_len']}", f"--max-len={params['max_len']}",
+            f"--seed={params['seed']}",
+        ]  # fmt: skip
+        return _client(ctx, client, argv, params)
 
 
 # -- email: postfix (SMTP, STARTTLS required) + dovecot (IMAPS) --------------------------------
@@ -1024,6 +1114,7 @@ APPS: dict[str, type[App]] = {
     for a in (
         Xmpp,
         XmppTls,
+        IrcTls,
         Smtp,
         Smtps,
         Imaps,

@@ -57,6 +57,7 @@ REQUIREMENTS: dict[str, Requirement] = {
             "python3-slixmpp",
             _probe(["/usr/bin/python3", "-c", "import slixmpp"]),
         ),
+        Requirement("ngircd", "ngircd", _which("ngircd")),
         Requirement("postfix", "postfix", _which("postfix")),
         Requirement("dovecot", "dovecot-imapd", _which("dovecot")),
         Requirement("swaks", "swaks", _which("swaks")),

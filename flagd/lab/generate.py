@@ -38,7 +38,7 @@ from flagd.lab.tunnel import OpenVpn, WireGuard, only_tunnel
 # HTTP announce have no encrypted variant; they stay, and the manifest marks those apps
 # (`plaintext_start`) so shortcut masking can be checked against them.
 BENCHMARK_APPS = (
-    "xmpp-tls", "smtps", "imaps", "sftp", "scp", "https-download", "hls-https", "sip-tls",
+    "xmpp-tls", "irc-tls", "smtps", "imaps", "sftp", "scp", "https-download", "hls-https", "sip-tls",
     "aria2", "transmission",
 )  # fmt: skip
 MANIFEST = "manifest.json"
