@@ -116,6 +116,7 @@ def main() -> None:
             tls += 2
             time.sleep(5)
         sent = json.loads(gen.communicate()[0])
+        sending_until = time.monotonic() - t0
         proc.send_signal(signal.SIGTERM)
         err = proc.stderr.read()
         code = proc.wait()
@@ -123,7 +124,9 @@ def main() -> None:
         stats = [json.loads(ln)["stats"] for ln in log.read_text().splitlines()
                  if '"event_type":"stats"' in ln]
     samples = [(t - t0, r / MiB) for t, r in rss.samples if t >= t0]
-    warm = [(t, r) for t, r in samples if t >= a.warmup * 60]
+    # The slope covers the steady state only: from the end of the warm-up until the sender
+    # stops. After that, shutdown flushes every open flow at once (~120,000), a one-off spike.
+    warm = [(t, r) for t, r in samples if a.warmup * 60 <= t <= sending_until]
     tt = np.array([t for t, _ in warm]) / 60
     rr = np.array([r for _, r in warm])
     slope = float(np.polyfit(tt, rr, 1)[0]) if len(warm) >= 3 else float("nan")
@@ -133,7 +136,8 @@ def main() -> None:
           f"({sent['sent'] / sent['seconds']:,.0f}/s); {tls} TLS connections beside them")
     print("RSS samples (s, MiB): " + ", ".join(f"{t:.0f}:{r:.1f}" for t, r in samples))
     if warm:
-        print(f"after the {a.warmup:g}-minute warm-up: {len(warm)} samples, RSS {rr[0]:.1f} -> "
+        print(f"from the {a.warmup:g}-minute warm-up to the sender's end ({sending_until:.0f} s): "
+              f"{len(warm)} samples, RSS {rr[0]:.1f} -> "
               f"{rr[-1]:.1f} MiB (min {rr.min():.1f}, max {rr.max():.1f}); ratio last/first "
               f"{rr[-1] / rr[0]:.3f}")
         print(f"slope: {slope:+.3f} MiB/min = {slope * 60:+.1f} MiB/hour; peak (VmHWM) {peak / MiB:.1f} MiB")

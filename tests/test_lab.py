@@ -12,6 +12,7 @@ import ipaddress
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -31,7 +32,7 @@ from flagd.frames import Frames
 from flagd.lab import apps, doctor, topology
 from flagd.lab.apps import App, RunContext, wait_tcp
 from flagd.lab.cli import Exit, lab_app
-from flagd.lab.generate import FORMAT, Settings, generate, plan, summarize
+from flagd.lab.generate import BENCHMARK_APPS, FORMAT, Settings, generate, plan, summarize
 from flagd.lab.pki import make_pki
 from flagd.lab.record import (
     Rules,
@@ -563,7 +564,7 @@ def test_smoke_one_session_per_class(label, tmp_path):
         pytest.skip(f"ran {', '.join(names)}; {missing}")
 
 
-# -- irc-tls: ngircd and the standard-library IRC client -----------------------------------------
+# -- second apps: irc-tls (ngircd), icecast-https (icecast2) ------------------------------------
 
 
 def test_irc_line_parsing():
@@ -581,26 +582,38 @@ def test_irc_line_parsing():
     assert parse(":irc.lab.test 001 user0") == ("irc.lab.test", "001", ["user0"])
 
 
-def test_irc_needs_ngircd(monkeypatch):
+@pytest.mark.parametrize(
+    ("app", "program", "package", "label"),
+    [
+        ("irc-tls", "ngircd", "ngircd", "chat"),
+        ("icecast-https", "icecast2", "icecast2", "streaming"),
+    ],
+)
+def test_second_apps_name_their_debian_package(monkeypatch, app, program, package, label):
     monkeypatch.setitem(
-        doctor.REQUIREMENTS, "ngircd", doctor.Requirement("ngircd", "ngircd", lambda: False)
+        doctor.REQUIREMENTS, program, doctor.Requirement(program, package, lambda: False)
     )
-    gone = doctor.missing(apps.APPS["irc-tls"].programs)
-    assert doctor.apt_line(gone) == "apt-get install -y --no-install-recommends ngircd"
-    assert "irc-tls" in apps.CLASSES["chat"]
+    gone = doctor.missing(apps.APPS[app].programs)
+    assert doctor.apt_line(gone) == f"apt-get install -y --no-install-recommends {package}"
+    assert app in apps.CLASSES[label] and len(apps.CLASSES[label]) >= 2
+    assert app in BENCHMARK_APPS
 
 
 @netns
-def test_irc_server_listens_on_tls_only():
-    """ngircd opens the TLS port on the server's address and no plaintext port at all; the
-    echo bot is in the channel before any session starts."""
-    gone = doctor.missing(apps.APPS["irc-tls"].programs)
+@pytest.mark.parametrize(("app", "service"), [("irc-tls", "ircs"), ("icecast-https", "icecast")])
+def test_second_apps_listen_on_tls_only(app, service):
+    """ngircd and icecast2 open their TLS port on the server's address, no plaintext port at
+    all, and run unprivileged; their helpers (IRC echo bot, icecast source) are ready."""
+    gone = doctor.missing(apps.APPS[app].programs)
     if gone:
-        pytest.skip(f"irc-tls needs: {doctor.apt_line(gone)}")
+        pytest.skip(f"{app} needs: {doctor.apt_line(gone)}")
     with build_lab(1) as lab:
         ctx = RunContext(lab, make_pki(lab.state / "pki"), random.Random(0), random_ports=True)
-        apps.APPS["irc-tls"]().start(ctx)
-        res = lab.run(lab.server, ["ss", "-Htln"])
+        apps.APPS[app]().start(ctx)
+        res = lab.run(lab.server, ["ss", "-Htlnp"])
         listening = {line.split()[3] for line in res.stdout.splitlines()}
-        assert listening == {f"{SERVER_ADDR}:{ctx.ports['ircs']}"}
-        assert "registered" in lab.log("ngircd") and "Running as user irc" in lab.log("ngircd")
+        assert listening == {f"{SERVER_ADDR}:{ctx.ports[service]}"}
+        (pid,) = {int(p) for p in re.findall(r"pid=(\d+)", res.stdout)}
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+        (uids,) = [line.split()[1:] for line in status if line.startswith("Uid:")]
+        assert "0" not in uids  # real, effective, saved and filesystem uid

@@ -807,6 +807,139 @@ class HttpsDownload(App):
             _remove(names)
 
 
+# -- streaming: icecast2 (HTTPS only), an ffmpeg source, curl listening -----------------------
+
+# mount -> (ffmpeg encoder arguments, muxer, content type): the run's radio stations
+_STATIONS = {
+    "opus-64.ogg": (["-c:a", "libopus", "-b:a", "64k"], "ogg", "audio/ogg"),
+    "vorbis-128.ogg": (["-c:a", "libvorbis", "-b:a", "128k"], "ogg", "audio/ogg"),
+    "mp3-192.mp3": (["-c:a", "libmp3lame", "-b:a", "192k"], "mp3", "audio/mpeg"),
+}
+
+
+def _music(ctx: RunContext, path: Path) -> None:
+    """30 s of stereo 'music' at 48 kHz: a stepping melody over a drone, with noise so the
+    encoders have to spend their bits. Looped by the source."""
+    notes = "(220+55*(floor(2*t)-8*floor(t/4)))"  # eight steps a bar; no commas (lavfi)
+    left = f"0.3*sin(2*PI*{notes}*t)+0.1*sin(2*PI*110*t)+0.05*random(0)"
+    right = f"0.3*sin(2*PI*1.5*{notes}*t)+0.1*sin(2*PI*165*t)+0.05*random(1)"
+    res = subprocess.run(
+        ["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i",
+         f"aevalsrc={left}|{right}:s=48000:d=30", "-c:a", "pcm_s16le", str(path)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if res.returncode:
+        raise LabError(f"ffmpeg could not make the music file: {res.stderr[-300:]}")
+
+
+def _start_icecast(ctx: RunContext) -> int:
+    """icecast2 with one listener, HTTPS (the run's certificate), on the server's address, and
+    one ffmpeg source encoding every station live over TLS. Returns the port."""
+    if "icecast" in ctx.shared:
+        return ctx.shared["icecast"]
+    lab = ctx.lab
+    base = ctx.workdir("icecast")
+    (base / "log").mkdir(exist_ok=True)
+    port = ctx.port(8443, "icecast")
+    # One <listen-socket>, with <ssl>: no plaintext port. icecast refuses to run as root, and
+    # setpriv cannot switch to it (its group is not named after its user): icecast drops to
+    # icecast2:icecast itself (<changeowner>) once its socket is bound.
+    (base / "icecast.xml").write_text(
+        f"""<icecast>
+  <location>flagd lab</location>
+  <admin>admin@{DOMAIN}</admin>
+  <hostname>{DOMAIN}</hostname>
+  <limits><clients>64</clients><sources>{len(_STATIONS)}</sources></limits>
+  <authentication>
+    <source-password>labpass</source-password>
+    <admin-user>admin</admin-user>
+    <admin-password>labpass</admin-password>
+  </authentication>
+  <listen-socket>
+    <port>{port}</port>
+    <bind-address>{SERVER_ADDR}</bind-address>
+    <ssl>1</ssl>
+  </listen-socket>
+  <fileserve>0</fileserve>
+  <paths>
+    <basedir>/usr/share/icecast2</basedir>
+    <logdir>{base}/log</logdir>
+    <webroot>/usr/share/icecast2/web</webroot>
+    <adminroot>/usr/share/icecast2/admin</adminroot>
+    <pidfile>{base}/icecast.pid</pidfile>
+    <ssl-certificate>{ctx.pki.combined}</ssl-certificate>
+  </paths>
+  <logging><accesslog>-</accesslog><errorlog>-</errorlog><loglevel>3</loglevel></logging>
+  <security>
+    <chroot>0</chroot>
+    <changeowner><user>icecast2</user><group>icecast</group></changeowner>
+  </security>
+</icecast>
+"""
+    )
+    shutil.chown(base, "icecast2", "icecast")
+    for sub in base.rglob("*"):
+        shutil.chown(sub, "icecast2", "icecast")
+    proc = lab.popen(lab.server, ["icecast2", "-c", str(base / "icecast.xml")], log="icecast")
+    wait_tcp(lab, port, proc=proc)
+    music = base / "music.wav"
+    _music(ctx, music)
+    # the source: one ffmpeg, the music looped at its own pace, one live encode per station
+    argv = ["nice", "ffmpeg", "-nostdin", "-loglevel", "warning", "-re", "-stream_loop", "-1"]
+    argv += ["-i", str(music)]
+    for mount, (codec, muxer, mime) in _STATIONS.items():
+        argv += ["-map", "0:a", *codec, "-content_type", mime, "-tls", "1", "-f", muxer]
+        argv.append(f"icecast://source:labpass@{SERVER_ADDR}:{port}/{mount}")
+    source = lab.popen(lab.server, argv, log="icecast-source")
+    deadline = time.monotonic() + 20
+    while True:  # a listener that comes before its station gets a 404
+        log = lab.log("icecast")
+        if all(f'mountpoint "/{mount}"' in log for mount in _STATIONS):
+            break
+        if source.poll() is not None or time.monotonic() > deadline:
+            raise LabError(f"icecast source did not start: {lab.log('icecast-source')[-300:]}")
+        time.sleep(0.2)
+    ctx.shared["icecast"] = port
+    return port
+
+
+class Icecast(App):
+    """An internet-radio listener: curl pulls a live Ogg/Opus, Ogg/Vorbis or MP3 station from
+    icecast2 over HTTPS for the session's length (the start is icecast's burst, then the
+    station's bitrate)."""
+
+    label = "streaming"
+    name = "icecast-https"
+    programs = ("icecast2", "ffmpeg", "curl")
+
+    def start(self, ctx: RunContext) -> None:
+        _start_icecast(ctx)
+
+    def params(self, rng: random.Random, seconds: float) -> dict:
+        return {
+            "station": rng.choice(list(_STATIONS)),
+            "listen_seconds": round(seconds * rng.uniform(0.6, 1.0), 1),
+            "rate_mbit": rng.choice([2, 5, 10, 20]),
+        }
+
+    def session(self, ctx: RunContext, client: Client, params: dict) -> int:
+        port = ctx.shared["icecast"]
+        out = ctx.workdir(f"client-{client.index}") / "stream"
+        out.unlink(missing_ok=True)
+        argv = [
+            "curl", "--silent", "--show-error", "--fail", "--cacert", str(ctx.pki.ca),
+            "--max-time", str(params["listen_seconds"]), "-o", str(out),
+            f"https://{SERVER_ADDR}:{port}/{params['station']}",
+        ]  # fmt: skip
+        try:
+            rc = _client(ctx, client, argv, params)
+            # a live stream never ends: curl stopping at --max-time (28) is the normal end
+            got = out.stat().st_size if out.exists() else 0
+            return 0 if rc == 28 and got > 0 else (rc or 1)
+        finally:
+            _remove([out])
+
+
 # -- voip: baresip (SIP over TLS or UDP, SRTP, opus / G.722 / G.711) ---------------------------
 
 # codec -> (baresip codec spec, sample rate, channels). baresip 1.0 does not resample: the audio
@@ -1122,6 +1255,7 @@ APPS: dict[str, type[App]] = {
         Scp,
         HttpsDownload,
         Hls,
+        Icecast,
         Sip,
         SipUdp,
         Aria2,

@@ -75,6 +75,7 @@ REQUIREMENTS: dict[str, Requirement] = {
         Requirement("ssh-keygen", "openssh-client", _which("ssh-keygen")),
         Requirement("nginx", "nginx-light", _which("nginx")),
         Requirement("ffmpeg", "ffmpeg", _which("ffmpeg")),
+        Requirement("icecast2", "icecast2", _which("icecast2")),
         Requirement("curl", "curl", _which("curl")),
         Requirement("baresip", "baresip-core", _which("baresip")),
         Requirement("opentracker", "opentracker", _which("opentracker")),

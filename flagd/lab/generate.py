@@ -38,8 +38,8 @@ from flagd.lab.tunnel import OpenVpn, WireGuard, only_tunnel
 # HTTP announce have no encrypted variant; they stay, and the manifest marks those apps
 # (`plaintext_start`) so shortcut masking can be checked against them.
 BENCHMARK_APPS = (
-    "xmpp-tls", "irc-tls", "smtps", "imaps", "sftp", "scp", "https-download", "hls-https", "sip-tls",
-    "aria2", "transmission",
+    "xmpp-tls", "irc-tls", "smtps", "imaps", "sftp", "scp", "https-download", "hls-https",
+    "icecast-https", "sip-tls", "aria2", "transmission",
 )  # fmt: skip
 MANIFEST = "manifest.json"
 OVPN_CIPHERS = ("AES-256-GCM", "AES-128-GCM", "CHACHA20-POLY1305")
