@@ -19,6 +19,7 @@ Classes and applications (`apps.CLASSES`):
     email          smtp-starttls, smtps, imaps   postfix + dovecot; swaks, Python imaplib
     file-transfer  sftp, scp, https-download     OpenSSH; nginx + curl
     streaming      hls-https                     nginx HLS (ffmpeg-made); ffmpeg at playback rate
+                   icecast-https                 icecast2 (TLS only), live ffmpeg source; curl
     voip           sip-tls, sip-udp              baresip auto-answer, SRTP, opus/G.722/PCMU
     torrent        aria2, transmission           opentracker + aria2c seeder; two leechers
     vpn-<class>    the same through --tunnel wireguard (wireguard-go) or openvpn (UDP, tun)
