@@ -30,17 +30,51 @@ def _split(value: str | None) -> tuple[str, ...]:
     return tuple(v.strip() for v in (value or "").split(",") if v.strip())
 
 
+POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
+
+
+def _apt_install(apt: str) -> None:
+    """Run the doctor's apt-get line with a policy-rc.d that exits 101 (unless one exists), so
+    no package starts its daemon outside the lab, and non-interactive (postfix asks otherwise)."""
+    import os
+    import subprocess
+
+    own = not POLICY_RC_D.exists()
+    if own:
+        POLICY_RC_D.write_text("#!/bin/sh\n# written by flagd lab doctor --install\nexit 101\n")
+        POLICY_RC_D.chmod(0o755)
+    try:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        res = subprocess.run([*apt.split(), "-q"], env=env, stdout=subprocess.DEVNULL)
+    finally:
+        if own:
+            POLICY_RC_D.unlink()
+    if res.returncode:
+        typer.echo(f"flagd: `{apt}` failed with status {res.returncode}", err=True)
+        raise typer.Exit(Exit.ERROR)
+
+
 @lab_app.command()
-def doctor() -> None:
+def doctor(
+    install: Annotated[
+        bool, typer.Option("--install", help="Install what is missing with apt-get (root).")
+    ] = False,
+) -> None:
     """List the programs the lab needs, which are installed, and the apt-get line for the rest."""
     from flagd.lab.apps import APPS, CLASSES
-    from flagd.lab.doctor import diagnose
+    from flagd.lab.doctor import REQUIREMENTS, diagnose
     from flagd.lab.topology import netns_unavailable
     from flagd.lab.tunnel import OpenVpn, WireGuard
 
     needs = {label: [(n, APPS[n].programs) for n in names] for label, names in CLASSES.items()}
     needs["vpn-*"] = [(t.name, t.programs) for t in (WireGuard, OpenVpn)]
     report = diagnose(needs)
+    if install and report.apt:
+        typer.echo(f"installing: {report.apt}")
+        _apt_install(report.apt)
+        for req in REQUIREMENTS.values():  # import probes remember their first answer
+            getattr(req.check, "cache_clear", lambda: None)()
+        report = diagnose(needs)
     width = max(len(r[2]) for r in report.rows)
     for label, app, program, ok in report.rows:
         typer.echo(f"{'ok     ' if ok else 'MISSING'}  {program:<{width}}  {label} / {app}")
