@@ -440,6 +440,8 @@ def train(
     variant: Annotated[list[str] | None, typer.Option(help="flag, no-pretrain and/or bytes-only [default: all].")] = None,
     mode: Annotated[list[str] | None, typer.Option(help="paper and/or honest [default: both].")] = None,
     labels: LabelsOpt = "dir",
+    packets: Annotated[int, typer.Option(help="K: relevant packets per flow the model sees.")] = 5,
+    packet_bytes: Annotated[int, typer.Option(help="B: bytes kept per packet, from the IP header.")] = 128,
     seed: int = 0,
 ) -> None:
     """The paper's protocol (40% unlabelled, 60% labelled 6:2:2; all and 10% of labels) with
@@ -455,8 +457,9 @@ def train(
     proto = Protocol(preset=preset, vocab_size=vocab_size, max_len=max_len,
                      pretrain_epochs=pretrain_epochs, finetune_epochs=finetune_epochs,
                      batch_size=batch_size, seed=seed, pretrain_lr=pretrain_lr,
+                     ready_packets=packets, packet_bytes=packet_bytes,
                      finetune_lr=finetune_lr, modes=tuple(mode or ("paper", "honest")),
                      variants=tuple(variant or ("flag", "no-pretrain", "bytes-only")))
     rows = run_protocol(tree, out, proto, label_kind=labels)
-    Console().print(compare_table(rows))
+    Console().print(compare_table(rows, title=f"Comparison on {', '.join(map(str, tree))}"))
     typer.echo(f"{out}/report.json")

@@ -268,13 +268,15 @@ def _fmt_params(n: int | None) -> str:
     return str(n)
 
 
-def compare_table(rows: list[dict[str, Any]], include_paper: bool = True) -> Table:
-    """A Table-1-style comparison of runs, with the paper's FLAG figures underneath.
+def compare_table(rows: list[dict[str, Any]], include_paper: bool = True,
+                  title: str = "Comparison") -> Table:
+    """A Table-1-style comparison of runs, with the paper's FLAG figures (ISCX VPN-nonVPN, 12
+    classes) underneath.
 
     Row keys (all but `name` optional, None shown as n/a): name, labels (labelled fraction),
     accuracy, macro_f1, tpr, fpr, ftf, wall_s (seconds), model_params (parameter count).
     """
-    table = Table(title="Comparison (ISCX VPN-nonVPN, 12 classes)")
+    table = Table(title=title)
     table.add_column("model")
     for col in ("labels", "accuracy", "macro-F1", "TPR", "FPR", "FTF", "wall time", "params"):
         table.add_column(col, justify="right")
@@ -294,7 +296,7 @@ def compare_table(rows: list[dict[str, Any]], include_paper: bool = True) -> Tab
     for row in rows:
         add(row)
     if include_paper:
-        table.add_section()
+        table.add_section()  # the paper's rows are on ISCX VPN-nonVPN, whatever the data above
         for row in PAPER_FLAG_RESULTS:
             add(row)
     return table
