@@ -73,11 +73,12 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML con
 def _serve(cfg, model: str | None, no_model: bool, open_source) -> None:
     """Load the model, open the source with the flow settings the model needs, run to the end."""
     from flagd.capture import CaptureError
-    from flagd.daemon import serve
+    from flagd.daemon import serve, steady_malloc
     from flagd.flows import FlowSettings
     from flagd.packets import DecodeError
     from flagd.privileges import PrivilegeError
 
+    steady_malloc()
     bundle = _load_model(model or cfg.model, no_model, cfg.top_k)  # fail before capturing
     try:
         settings = cfg.pipeline_settings(bundle.settings if bundle else FlowSettings())

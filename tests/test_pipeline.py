@@ -151,3 +151,37 @@ def test_stdout_log(capture):
     assert r.exit_code == 0
     lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
     assert sum(e["event_type"] == "flow" for e in lines) == 21
+
+
+STEADY_MALLOC_PROBE = """
+import ctypes, sys
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+if sys.argv[1] == "pinned":
+    from flagd.daemon import steady_malloc
+    steady_malloc()
+big = libc.malloc(4 << 20); libc.free(big)  # unpinned, glibc now raises its threshold to 4 MiB
+block = libc.malloc(1 << 20)
+print(libc.mallinfo2().hblkhd >= 1 << 20)  # was the 1 MiB block mmapped?
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("ctypes").CDLL(None), "mallinfo2"), reason="not glibc >= 2.33")
+def test_steady_malloc_keeps_large_blocks_mmapped():
+    """After a large block is freed, glibc serves the next large ones from the heap, where churn
+    fragments it (a live soak's RSS crept +1 MiB/min); steady_malloc keeps them mmapped."""
+    import subprocess
+    import sys
+
+    def mmapped(mode: str) -> str:
+        res = subprocess.run([sys.executable, "-c", STEADY_MALLOC_PROBE, mode],
+                             capture_output=True, text=True, check=True)
+        return res.stdout.strip()
+
+    assert mmapped("default") == "False"
+    assert mmapped("pinned") == "True"
