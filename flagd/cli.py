@@ -441,7 +441,7 @@ def train(
     variant: Annotated[list[str] | None, typer.Option(help="flag, no-pretrain and/or bytes-only [default: all].")] = None,
     mode: Annotated[list[str] | None, typer.Option(help="paper and/or honest [default: both].")] = None,
     labels: LabelsOpt = "dir",
-    packets: Annotated[int, typer.Option(help="K: relevant packets per flow the model sees.")] = 5,
+    packets: Annotated[int, typer.Option(min=1, help="K: relevant packets per flow the model sees.")] = 5,
     packet_bytes: Annotated[int, typer.Option(help="B: bytes kept per packet, from the IP header.")] = 128,
     seed: int = 0,
 ) -> None:
@@ -461,6 +461,13 @@ def train(
                      ready_packets=packets, packet_bytes=packet_bytes,
                      finetune_lr=finetune_lr, modes=tuple(mode or ("paper", "honest")),
                      variants=tuple(variant or ("flag", "no-pretrain", "bytes-only")))
-    rows = run_protocol(tree, out, proto, label_kind=labels)
+    try:
+        proto.flow_settings(honest=True)  # bad K or B: one line now, not a traceback later
+    except ValueError as e:
+        raise fail(str(e), Exit.USAGE) from None
+    try:
+        rows = run_protocol(tree, out, proto, label_kind=labels)
+    except ValueError as e:  # e.g. too few flows to split
+        raise fail(str(e)) from None
     Console().print(compare_table(rows, title=f"Comparison on {', '.join(map(str, tree))}"))
     typer.echo(f"{out}/report.json")

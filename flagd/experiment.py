@@ -131,6 +131,10 @@ def run_mode(ds: Dataset, mode: str, p: Protocol, out: Path,
     (out / mode).mkdir(parents=True, exist_ok=True)
     (out / mode / "split.json").write_text(json.dumps({k: v.tolist() for k, v in split.items()}))
     log(f"[{mode}] {len(ds)} flows: " + ", ".join(f"{k} {len(v)}" for k, v in split.items()))
+    empty = [k for k in ("train", "val", "test") if not len(split[k])]
+    if empty:
+        raise ValueError(f"{mode}: {len(ds)} flows in {len(ds.classes)} classes are too few to "
+                         f"split; the {' and '.join(empty)} split would be empty")
     pre_rows = np.concatenate([split["unlabelled"], split["train"]])  # labels unused
     n_dropped = sum(ds.stats.get("dropped", {}).values())
     rows = []

@@ -137,3 +137,18 @@ def test_pretrain_then_finetune_commands_make_a_bundle(tmp_path):
     r = runner.invoke(app, ["finetune", str(tmp_path / "train.npz"), str(tmp_path / "val.npz"),
                             "--vocab", str(vocab), "-o", str(tmp_path / "ft2")])
     assert r.exit_code == 2 and "--no-pretrain" in r.output
+
+
+def test_train_on_too_few_flows_is_one_line(tmp_path):
+    for cls, kind in (("chat", "ssh"), ("voip", "rtp")):
+        (tmp_path / "tree" / cls).mkdir(parents=True)
+        crafted.write_pcap(tmp_path / "tree" / cls / "0.pcap", flows_of(kind, 1, seed=1), LINKTYPE_ETHERNET)
+    r = runner.invoke(app, ["train", str(tmp_path / "tree"), "-o", str(tmp_path / "run"),
+                            "--preset", "tiny", "--mode", "paper"])
+    assert r.exit_code == 1, r.output
+    assert "2 flows in 2 classes are too few to split" in r.output
+
+
+def test_train_rejects_bad_packet_settings(tmp_path):
+    r = runner.invoke(app, ["train", str(tmp_path), "-o", str(tmp_path / "run"), "--packet-bytes", "32"])
+    assert r.exit_code == 2 and "packet_bytes must be at least 40" in r.output
