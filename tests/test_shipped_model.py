@@ -37,3 +37,27 @@ def test_replay_with_the_default_model_classifies_every_flow(tmp_path):
         c = cls[f["flow_id"]]
         assert c["flag"]["label"] in CLASSES_12 and c["flag"]["model"] == "iscx-vpn2016"
         assert f["flag"]["label"] == c["flag"]["label"]
+
+
+LAB12 = Path(__file__).resolve().parents[1] / "models" / "lab12"
+
+
+def test_lab12_model_loads_with_the_settings_it_was_trained_with():
+    bundle = Bundle.load(LAB12)
+    assert bundle.name == "lab12"
+    assert sorted(bundle.labels) == sorted(CLASSES_12)
+    assert bundle.settings.ready_packets == 32 and bundle.max_len == 128
+    pre = bundle.settings.preprocessing
+    assert pre.packet_bytes == 64 and "ports" in pre.extra_masks  # the honest mode's masks
+    metrics = json.loads((LAB12 / "metrics.json").read_text())
+    assert metrics["test"]["n_flows"] > 200  # the held-out, session-split test
+
+
+def test_replay_with_the_lab12_model(tmp_path):
+    log = tmp_path / "events.jsonl"
+    r = CliRunner().invoke(app, ["replay", str(SAMPLE), "--model", str(LAB12), "--log", str(log)])
+    assert r.exit_code == 0, r.output
+    events = [json.loads(x) for x in log.read_text().splitlines()]
+    labels = {e["flag"]["label"] for e in events if e["event_type"] == "classification"}
+    assert len([e for e in events if e["event_type"] == "flow"]) == 9
+    assert labels and labels <= set(CLASSES_12)
