@@ -122,23 +122,37 @@ class Lab:
         return subprocess.run(self.command(ns, argv, user), timeout=timeout, **kw)
 
     def popen(
-        self, ns: str, argv: Sequence[str], *, user: str | None = None, log: str | None = None, **kw
+        self, ns: str, argv: Sequence[str], *, user: str | None = None, log: str | None = None,
+        must_live: bool = True, **kw,
     ) -> subprocess.Popen:
         """Start a long-running process in `ns`, in its own process group, logging to the state
-        directory; it is killed (with its whole group) at teardown."""
+        directory; it is killed (with its whole group) at teardown. A server `must_live`: its
+        exit fails the run (`check_processes`); a session's own process (a tunnel client) may
+        end any time, and its session `reap`s it."""
         if log is not None:
             fh = open(self.state / f"{log}.log", "ab")  # noqa: SIM115 - owned by the child
             kw.setdefault("stdout", fh)
             kw.setdefault("stderr", subprocess.STDOUT)
         kw.setdefault("stdin", subprocess.DEVNULL)
         proc = subprocess.Popen(self.command(ns, argv, user), start_new_session=True, **kw)
+        proc.must_live = must_live  # type: ignore[attr-defined]
         self._procs.append(proc)
         return proc
+
+    def reap(self, proc: subprocess.Popen, timeout: float) -> None:
+        """Wait up to `timeout` seconds for a session's process to end, kill it if it has not,
+        and forget it."""
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        self._procs.remove(proc)
 
     def check_processes(self) -> None:
         """LabError naming the first long-running process that has exited (a crashed server)."""
         for proc in list(self._procs):  # session threads add and remove their own
-            if proc.poll() is not None and getattr(proc, "must_live", True):
+            if proc.must_live and proc.poll() is not None:
                 argv = proc.args if isinstance(proc.args, list) else [str(proc.args)]
                 name = next((a for a in argv[4:] if not a.startswith("-")), argv[-1])
                 raise LabError(f"lab process {name} exited with status {proc.returncode}")

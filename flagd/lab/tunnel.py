@@ -83,20 +83,21 @@ class WireGuard:
         )
         return key, public.stdout.strip()
 
-    def _interface(self, ns: str, key: Path, port: int) -> None:
-        proc = self.lab.popen(ns, ["wireguard-go", "-f", self.ifname(ns)], log=f"wg-{ns}", env=_ENV)
-        if ns != self.lab.router:
-            # a client's ends with its session: between the link going and the reaping, another
-            # client's thread must not take the exit for a crash
-            proc.must_live = False  # type: ignore[attr-defined]
+    def _interface(self, ns: str, key: Path, port: int) -> subprocess.Popen:
+        """Start wireguard-go for `ns`; the router's must live, a client's ends with its
+        session (another client's thread must not take that exit for a crash)."""
+        router = ns == self.lab.router
+        proc = self.lab.popen(ns, ["wireguard-go", "-f", self.ifname(ns)], log=f"wg-{ns}",
+                              must_live=router, env=_ENV)
         deadline = time.monotonic() + 10
         while not self._exists(ns):
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise LabError(
-                    f"wireguard-go did not create {self.ifname(ns)} in {ns}: {self.lab.log(f'wg-{ns}')[-300:]}"
-                )
+                why = self.lab.log(f"wg-{ns}")[-300:]
+                self.lab.reap(proc, 0)
+                raise LabError(f"wireguard-go did not create {self.ifname(ns)} in {ns}: {why}")
             time.sleep(0.05)
         self._wg(ns, "set", self.ifname(ns), "private-key", str(key), "listen-port", str(port))
+        return proc
 
     def _exists(self, ns: str) -> bool:
         return self.lab.run(ns, ["ip", "link", "show", self.ifname(ns)]).returncode == 0
@@ -117,8 +118,9 @@ class WireGuard:
         address. Down again (direct route restored) on exit, whatever happened."""
         ns = client.ns
         key, _ = self.keys[client.index]
+        proc = None
         try:
-            self._interface(ns, key, listen_port)
+            proc = self._interface(ns, key, listen_port)
             self._wg(
                 ns, "set", self.ifname(ns), "peer", self.router_pub, "endpoint", f"{client.gateway}:{WG_PORT}",
                 "allowed-ips", f"{SERVER_NET},{WG_NET}",
@@ -143,7 +145,8 @@ class WireGuard:
                     ns, ["ip", "link", "del", self.ifname(ns)]
                 )  # wireguard-go exits with it
             self.lab.run(ns, ["ip", "route", "replace", str(SERVER_NET), "via", client.gateway])
-            self._stop_client_process(ns)
+            if proc is not None:
+                self.lab.reap(proc, 3)
             self._forget_endpoint(client)
 
     def _forget_endpoint(self, client: Client) -> None:
@@ -158,16 +161,6 @@ class WireGuard:
                 "allowed-ips", f"{tunnel_addr(client)}/32",
             )  # fmt: skip
 
-    def _stop_client_process(self, ns: str) -> None:
-        """Reap the client's wireguard-go (it exits once its interface is deleted)."""
-        for proc in list(self.lab._procs):
-            if isinstance(proc.args, list) and ns in proc.args and "wireguard-go" in proc.args:
-                try:
-                    proc.wait(timeout=3)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-                self.lab._procs.remove(proc)
 
 
 def only_tunnel(stats: SessionStats, client: Client, port: int) -> str | None:
@@ -228,8 +221,7 @@ class OpenVpn:
             "--data-ciphers", cipher, "--route-noexec", "--explicit-exit-notify", "1",
             "--verb", "3",
         ]  # fmt: skip
-        proc = self.lab.popen(ns, argv, log=log)
-        proc.must_live = False  # type: ignore[attr-defined] - ends with the session
+        proc = self.lab.popen(ns, argv, log=log, must_live=False)  # ends with the session
         try:
             self._wait(proc, log, "Initialization Sequence Completed")
             addr = self._address(ns)
@@ -240,12 +232,7 @@ class OpenVpn:
         finally:
             if proc.poll() is None:
                 proc.terminate()  # explicit-exit-notify tells the server, inside the capture
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            self.lab._procs.remove(proc)
+            self.lab.reap(proc, 5)
             self.lab.run(ns, ["ip", "route", "replace", str(SERVER_NET), "via", client.gateway])
 
     def _address(self, ns: str) -> str:
