@@ -207,6 +207,7 @@ class LiveCapture:
         block_size: int,
         block_count: int,
         skip_outgoing: bool,
+        fanout: bool = False,
     ) -> None:
         self.iface = link.name
         self.link = link
@@ -215,6 +216,7 @@ class LiveCapture:
         self._sock = sock
         self._cooked = sock.type == socket.SOCK_DGRAM
         self._skip_outgoing = skip_outgoing  # lo on a kernel without PACKET_IGNORE_OUTGOING
+        self._fanout = fanout
         self._poll = select.poll()
         self._poll.register(sock.fileno(), select.POLLIN | select.POLLERR)
         self._received = self._dropped = self._freeze = self._delivered = 0
@@ -260,6 +262,34 @@ class LiveCapture:
         self._delivered += len(frames)
         return frames
 
+    def drain(self) -> Frames:
+        """Stop receiving, return every frame the capture still holds, and close it.
+
+        A ring block reaches user space when it is full or when its timeout fires, so at the end
+        of quiet traffic the last packets can sit in the block the kernel is still filling.
+        Unhooking the socket first makes that block final, and it is read as well.
+        """
+        if self._sock.fileno() < 0:
+            raise CaptureError(f"capture on {self.iface} is closed")
+        if self._fanout:
+            # A fanout member cannot be re-bound: a filter that drops everything stops new
+            # packets, and a short wait lets those already being copied land.
+            _attach_filter(self._sock, [(BPF_RET_K, 0, 0, 0)])
+            time.sleep(0.05)
+        else:
+            # Protocol 0 unhooks the socket; the kernel returns once no packet is in flight.
+            self._sock.bind((self.iface, 0))
+        if self._mm is not None:
+            frames = self._read_ring(final=True)
+        else:
+            batches = []
+            while len(batch := self._read_socket()):
+                batches.append(batch)
+            frames = Frames.concat(batches)
+        self._delivered += len(frames)
+        self.close()
+        return frames
+
     def stats(self) -> CaptureStats:
         """Kernel counters, accumulated (the kernel resets them on every read)."""
         if self._sock.fileno() >= 0:
@@ -290,12 +320,15 @@ class LiveCapture:
 
     # -- ring path ------------------------------------------------------------------------------
 
-    def _read_ring(self) -> Frames:
+    def _read_ring(self, final: bool = False) -> Frames:
+        """The blocks handed over so far; `final` (socket unhooked): also the one being filled."""
         parts = []
         mv32 = self._mv32
         for _ in range(self._block_count):
             base = self._block * self._block_size
             if not mv32[(base + _BLOCK_STATUS) >> 2] & TP_STATUS_USER:
+                if final and (part := self._take_block(base)) is not None:
+                    parts.append(part)
                 break
             part = self._take_block(base)
             if part is not None:
@@ -547,7 +580,9 @@ def open_capture(
         if exc.errno == errno.ENODEV:
             raise CaptureError(f"interface {iface!r} went away while opening it") from None
         raise CaptureError(f"cannot set up capture on {iface}: {exc.strerror or exc}") from None
-    return LiveCapture(sock, link, linktype, snaplen, mm, block_size, block_count, skip_outgoing)
+    return LiveCapture(
+        sock, link, linktype, snaplen, mm, block_size, block_count, skip_outgoing, fanout is not None
+    )
 
 
 # -- link monitoring ---------------------------------------------------------------------------

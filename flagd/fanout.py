@@ -102,9 +102,9 @@ def _capture_process(index: int, spec: WorkerSpec, out: mp.Queue, stop: mp.Event
                 out.put_nowait(("stats", index, stats()))
             except queue.Full:
                 pass
+    send(table.add(decode(cap.drain())))  # the last packets, some still in the ring block
     send(table.flush(Expiry.SHUTDOWN), block=True)
     final = stats(final=True)
-    cap.close()
     out.put(("done", index, final))
 
 

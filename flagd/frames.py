@@ -47,6 +47,27 @@ class Frames:
         )
 
     @classmethod
+    def concat(cls, batches: list[Frames]) -> Frames:
+        """One batch holding every record of `batches`, packed (gaps dropped)."""
+        batches = [b for b in batches if len(b)]
+        if not batches:
+            return cls.empty()
+        chunks, offsets, pos = [], [], 0
+        for b in batches:
+            for off, cap in zip(b.offset.tolist(), b.caplen.tolist(), strict=True):
+                chunks.append(b.data[off : off + cap])
+                offsets.append(pos)
+                pos += cap
+        return cls(
+            data=np.concatenate(chunks),
+            offset=np.array(offsets, np.int64),
+            caplen=np.concatenate([b.caplen for b in batches]).astype(np.int32),
+            wirelen=np.concatenate([b.wirelen for b in batches]).astype(np.int32),
+            ts=np.concatenate([b.ts for b in batches]),
+            linktype=np.concatenate([b.linktype for b in batches]).astype(np.int32),
+        )
+
+    @classmethod
     def from_records(cls, records: list[tuple[float, bytes, int, int]]) -> Frames:
         """Build a batch from (ts, frame bytes, wirelen, linktype) tuples (tests, slow paths)."""
         if not records:

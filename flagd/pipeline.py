@@ -31,7 +31,8 @@ from flagd.sinks import Sink
 
 
 class Source(Protocol):
-    """Where frames come from. A live source yields empty batches when the link is quiet."""
+    """Where frames come from. A live source yields empty batches when the link is quiet; every
+    source ends its batches once `stop` is set (a live one after what the kernel still holds)."""
 
     name: str
     live: bool
@@ -124,8 +125,6 @@ class Pipeline:
                 if self.source.live and time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + tick
                     self._hand_on(table.tick(time.time()))
-                if self.stop.is_set():
-                    break
         except Exception as e:  # a source failure ends the run cleanly, with its reason
             self.counters.capture_error = f"{type(e).__name__}: {e}"
         finally:
@@ -353,6 +352,8 @@ class FileSource:
     def batches(self, stop: threading.Event) -> Iterator[Frames]:
         t0 = wall0 = None
         for frames in self.capture:
+            if stop.is_set():
+                return
             if self.speed is not None and len(frames):
                 if t0 is None:
                     t0, wall0 = float(frames.ts[0]), time.monotonic()
@@ -396,6 +397,7 @@ class LiveSource:
                     self.notice(f"link {ev.name} is {state}")
                     if ev.removed:  # it cannot come back under this socket: stop, say why
                         raise OSError(f"interface {ev.name} was removed")
+        yield self.capture.drain()  # the last packets, some still in the kernel's ring block
 
     def kernel_drops(self) -> int:
         return self.capture.stats().dropped

@@ -124,6 +124,8 @@ class BurstSource:
         n = len(self.records)
         data = np.ascontiguousarray(self.records["frame"]).reshape(-1)
         for lo in range(0, n, self.burst):
+            if stop.is_set():
+                return
             hi = min(lo + self.burst, n)
             m = hi - lo
             yield Frames(data=data, offset=np.arange(lo, hi, dtype=np.int64) * floodgen.FRAME,

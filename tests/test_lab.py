@@ -297,7 +297,7 @@ def test_generate_writes_valid_captures_and_manifest(tmp_path, stand_in):
         assert pcap.parent.name == "test-echo"
         frames = list(read_capture(pcap))
         packets = sum(len(f) for f in frames)
-        assert packets == s["kept_packets"] == s["packets"]
+        assert packets == s["kept_packets"] == s["packets"] == s["kernel_received"]
         (flow,) = s["flows"]
         assert (flow["dst"], flow["dport"], flow["proto"]) == (SERVER_ADDR, 8443, 6)
         assert is_lab_address(flow["src"])
@@ -326,8 +326,10 @@ def test_generate_with_parallel_clients(tmp_path, stand_in):
     doc = generate(Settings(out=tmp_path, classes=("test-echo",), sessions=6, clients=3))
     assert {s["client"] for s in doc["sessions"]} == {0, 1, 2}
     assert [s["reason"] for s in doc["sessions"] if not s["valid"]] == []
-    srcs = {s["flows"][0]["src"] for s in doc["sessions"]}
-    assert srcs == {"192.0.2.2", "192.0.2.6", "192.0.2.10"}
+    # every packet the kernel counted on each link reached the session's capture
+    assert [s["kernel_received"] - s["packets"] for s in doc["sessions"]] == [0] * 6
+    for s in doc["sessions"]:  # each session was captured on its own client's link
+        assert s["flows"][0]["src"] == doc["lab"]["clients"][s["client"]]["addr"]
     assert len(list((tmp_path / "test-echo").glob("*.pcap"))) == 6
 
 
@@ -497,6 +499,9 @@ def test_validation_rejects_bad_sessions():
     assert "does not look encrypted" in validate(0, session_stats(plain))
     few = frames_of(random_payloads(4))
     assert "only 4 packets" in validate(0, session_stats(few))
+    other = session_stats(frames_of(random_payloads(20), src="192.0.2.6"))
+    assert validate(0, other, client="192.0.2.6") is None
+    assert "client's address 192.0.2.2" in validate(0, other, client="192.0.2.2")
     outside = frames_of(random_payloads(20), dst="8.8.8.8")
     assert "outside the lab's ranges: 8.8.8.8" in validate(0, session_stats(outside))
     tiny = frames_of([b"\x17"] * 20)
@@ -521,9 +526,8 @@ def test_pcap_round_trip(tmp_path):
 def test_keep_first_cuts_each_flow():
     a = frames_of(random_payloads(10), sport=40000)
     b = frames_of(random_payloads(3), sport=40001)
-    from flagd.lab.record import concat
 
-    both = concat([a, b])
+    both = Frames.concat([a, b])
     kept = keep_first(both, 4)
     assert len(kept) == 7  # 4 of the first flow, all 3 of the second
     stats = session_stats(kept)

@@ -244,14 +244,14 @@ def run_session(
                 time.sleep(DRAIN_SECONDS)  # the last ACKs still go through the tunnel
         time.sleep(DRAIN_SECONDS)
     finally:
-        frames, drops = rec.stop()
+        frames, capture = rec.stop()
     seconds = time.time() - started
     stats = session_stats(frames)
-    reason = validate(rc, stats, settings.rules)
+    reason = validate(rc, stats, settings.rules, client.addr)
     if reason is None and job.tunnel != "none":
         reason = only_tunnel(stats, client, ctx.shared[job.tunnel].port)
-    if reason is None and drops:
-        reason = f"capture dropped {drops} packets"
+    if reason is None and capture.dropped:
+        reason = f"capture dropped {capture.dropped} packets"
     kept = keep_first(frames, settings.keep_packets) if reason is None else None
     record = {
         "id": job.id,
@@ -267,6 +267,9 @@ def run_session(
         "valid": reason is None,
         "reason": reason,
         "packets": stats.packets,
+        # the kernel's count: more than `packets` would mean frames lost between ring and file
+        "kernel_received": capture.received,
+        "kernel_dropped": capture.dropped,
         "bytes": stats.bytes,
         "kept_packets": len(kept) if kept is not None else 0,
         "entropy": round(stats.entropy, 3),

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flagd.capture import open_capture
+from flagd.capture import CaptureStats, open_capture
 from flagd.frames import Frames
 from flagd.lab.topology import LAB_NETS, in_netns
 from flagd.packets import Skip, decode
@@ -44,27 +44,6 @@ def write_pcap(path: Path, frames: Frames) -> None:
     tmp = path.with_suffix(path.suffix + ".part")
     tmp.write_bytes(b"".join(parts))
     tmp.replace(path)  # a crash never leaves a half-written capture under its final name
-
-
-def concat(batches: list[Frames]) -> Frames:
-    """One Frames batch holding every record of `batches`, packed (gaps dropped)."""
-    batches = [b for b in batches if len(b)]
-    if not batches:
-        return Frames.empty()
-    chunks, offsets, pos = [], [], 0
-    for b in batches:
-        for off, cap in zip(b.offset.tolist(), b.caplen.tolist(), strict=True):
-            chunks.append(b.data[off : off + cap])
-            offsets.append(pos)
-            pos += cap
-    return Frames(
-        data=np.concatenate(chunks) if chunks else np.zeros(0, np.uint8),
-        offset=np.array(offsets, np.int64),
-        caplen=np.concatenate([b.caplen for b in batches]).astype(np.int32),
-        wirelen=np.concatenate([b.wirelen for b in batches]).astype(np.int32),
-        ts=np.concatenate([b.ts for b in batches]),
-        linktype=np.concatenate([b.linktype for b in batches]).astype(np.int32),
-    )
 
 
 def select(frames: Frames, index: np.ndarray) -> Frames:
@@ -101,19 +80,19 @@ class Recorder:
                 frames = self._cap.read(0.05)
                 if len(frames):
                     self._batches.append(frames)
-            self._batches.append(self._cap.read(0))  # what arrived while stopping
+            # the rest, including a last block whose timeout has not fired yet
+            self._batches.append(self._cap.drain())
         except BaseException as exc:  # noqa: BLE001 - handed to stop()'s caller
             self._error = exc
 
-    def stop(self) -> tuple[Frames, int]:
-        """All frames captured (packed into one batch) and the kernel's drop count."""
+    def stop(self) -> tuple[Frames, CaptureStats]:
+        """All frames captured (packed into one batch) and the kernel's counters."""
         self._stop.set()
         self._thread.join()
-        stats = self._cap.stats()
-        self._cap.close()
+        self._cap.close()  # already closed by the drain, unless the loop failed
         if self._error is not None:
             raise self._error
-        return concat(self._batches), stats.dropped
+        return Frames.concat(self._batches), self._cap.stats()
 
     def close(self) -> None:
         if self._thread.is_alive():
@@ -221,14 +200,19 @@ class Rules:
     min_entropy: float = 6.5
 
 
-def validate(returncode: int, stats: SessionStats, rules: Rules = Rules()) -> str | None:
-    """Why the session must not be labelled, or None when it is good."""
+def validate(
+    returncode: int, stats: SessionStats, rules: Rules = Rules(), client: str | None = None
+) -> str | None:
+    """Why the session must not be labelled, or None when it is good. `client`: the address
+    every flow of the session's own link has at one end."""
     if returncode != 0:
         return f"client exited with status {returncode}"
     if stats.foreign:
         return f"addresses outside the lab's ranges: {', '.join(stats.foreign[:5])}"
     if stats.packets < rules.min_packets:
         return f"only {stats.packets} packets (minimum {rules.min_packets})"
+    if client is not None and not any(client in (f.src, f.dst) for f in stats.flows):
+        return f"no flow from or to the client's address {client}"
     payload = sum(f.payload for f in stats.flows)
     if payload < rules.min_payload:
         return f"only {payload} payload bytes (minimum {rules.min_payload})"
