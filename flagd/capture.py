@@ -22,6 +22,7 @@ CAP_NET_RAW) once the socket is open. Every failure is a `CaptureError` with a o
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import mmap
@@ -277,8 +278,10 @@ class LiveCapture:
             _attach_filter(self._sock, [(BPF_RET_K, 0, 0, 0)])
             time.sleep(0.05)
         else:
-            # Protocol 0 unhooks the socket; the kernel returns once no packet is in flight.
-            self._sock.bind((self.iface, 0))
+            # Protocol 0 unhooks the socket; the kernel returns once no packet is in flight. An
+            # interface that went away has taken the hook with it (and bind fails): just read.
+            with contextlib.suppress(OSError):
+                self._sock.bind((self.iface, 0))
         if self._mm is not None:
             frames = self._read_ring(final=True)
         else:
