@@ -22,6 +22,7 @@ import textwrap
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -592,6 +593,7 @@ def test_irc_line_parsing():
     [
         ("irc-tls", "ngircd", "ngircd", "chat"),
         ("icecast-https", "icecast2", "icecast2", "streaming"),
+        ("linphone-tls", "linphonec", "linphone-cli", "voip"),
     ],
 )
 def test_second_apps_name_their_debian_package(monkeypatch, app, program, package, label):
@@ -622,3 +624,68 @@ def test_second_apps_listen_on_tls_only(app, service):
         status = Path(f"/proc/{pid}/status").read_text().splitlines()
         (uids,) = [line.split()[1:] for line in status if line.startswith("Uid:")]
         assert "0" not in uids  # real, effective, saved and filesystem uid
+
+
+# -- linphone-tls: its config and the driver of linphonec's prompt ------------------------------
+
+
+def test_linphone_config_names_nothing_outside_the_lab():
+    """No account, STUN or provisioning server; media bound to the client's address; SRTP
+    mandatory; exactly the drawn codec configured."""
+    client = topology.Client(0, "ns", "192.0.2.2", "192.0.2.1")
+    ctx = SimpleNamespace(pki=SimpleNamespace(ca=Path("/run/lab/pki/ca.pem")))
+    params = apps.Linphone().params(random.Random(0), 6)
+    text = apps._linphone_config(ctx, client, params)  # type: ignore[arg-type]
+    addresses = re.findall(r"\d+\.\d+\.\d+\.\d+", text)
+    assert addresses and all(is_lab_address(a) for a in addresses)
+    assert not re.search(r"linphone\.org|stun|turn|proxy|uri|url", text, re.IGNORECASE)
+    assert "bind_address=192.0.2.2" in text and "media_encryption_mandatory=1" in text
+    assert f"srtp_crypto_suites={params['srtp_suite']}" in text
+    assert text.count("[audio_codec_") == 1
+
+
+# A stand-in for linphonec's prompt: echoes each command after its prompt, like the real one.
+FAKE_LINPHONEC = """
+import sys, time
+mode = sys.argv[1]
+print("Warning: video is disabled in linphonec", flush=True)
+for line in sys.stdin:
+    command = line.strip()
+    print(f"linphonec> {command}", flush=True)
+    if command.startswith("call "):
+        if mode == "refused":
+            print("Call 1 with <sip:x> error.", flush=True)
+            continue
+        print("Media streams established with <sip:x> for call 1 (audio).", flush=True)
+        if mode == "dropped":
+            print("Call 1 with <sip:x> ended (Call declined).", flush=True)
+    elif command == "terminate":
+        if mode == "hang":  # stuck in the middle of the call
+            time.sleep(120)
+        print("Call 1 with <sip:x> ended (No error).", flush=True)
+    elif command == "quit":
+        sys.exit(0)
+"""
+
+
+@netns
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("mode", "expect"), [("ok", 0), ("refused", 1), ("dropped", 1), ("hang", 124)]
+)
+def test_linphone_driver_ends_every_call_in_bounded_time(tmp_path, mode, expect):
+    """0 only for a call that ran until our hang-up; a refused or dropped call is a failure,
+    and a linphonec that stops taking commands is killed within about 20 s."""
+    script = tmp_path / "linphonec.py"
+    script.write_text(FAKE_LINPHONEC)
+    with build_lab(1) as lab:
+        ctx = RunContext(lab, make_pki(lab.state / "pki"), random.Random(0))
+        started = time.monotonic()
+        rc = apps._linphone_call(
+            ctx, lab.clients[0], [sys.executable, str(script), mode],
+            ["soundcard use files", "call sip:x"], 1,
+        )  # fmt: skip
+        took = time.monotonic() - started
+        assert not lab._procs  # reaped
+    assert rc == expect
+    assert took < 30

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import queue
 import random
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1085,6 +1087,176 @@ class SipUdp(Sip):
     plaintext_start = True
 
 
+# -- voip: linphonec (liblinphone) calling the same baresip auto-answerers --------------------
+
+# codec -> liblinphone's (mime, RTP clock rate, channels): G.722 runs at an 8000 RTP clock
+# (RFC 3551) whatever its 16 kHz audio, and liblinphone names it so.
+_LINPHONE_CODECS = {
+    "opus": ("opus", 48000, 2),
+    "g722": ("G722", 8000, 1),
+    "pcmu": ("PCMU", 8000, 1),
+}
+# SDES crypto suites for liblinphone to offer: baresip 1.0 answers an AES-256 offer with an
+# AES-128 suite, which liblinphone rejects, so only the two AES-128 ones work with it
+_SRTP_SUITES = ("AES_CM_128_HMAC_SHA1_80", "AES_CM_128_HMAC_SHA1_32")
+# linphonec's lines that end a call attempt (a refused INVITE, a failed handshake, a hang-up)
+_LINPHONE_FAILED = (" error.", " ended (", "Error from linphone_core_invite")
+
+
+def _linphone_config(ctx: RunContext, client: Client, params: dict) -> str:
+    """A complete linphonerc for one call. Nothing in it names anything outside the lab: no
+    account (no REGISTER), no STUN/TURN/ICE/uPnP, no remote provisioning, no DNS SRV."""
+    mime, rate, channels = _LINPHONE_CODECS[params["codec"]]
+    # The client has no default route, so liblinphone's guess of its own address (the route
+    # to a public address) gives 127.0.0.1: the SDP would send the server's RTP to itself.
+    # rtp/bind_address fixes the media address, guess_hostname=0 keeps From on the contact.
+    # verify_server_cn=0: the lab's certificate names the server by an IP SAN, which mbedTLS
+    # 2.28 cannot match; the chain is still verified against the run's CA. SIP over TLS only,
+    # and as a client only (port -2: no listening socket).
+    return f"""[sip]
+sip_port=0
+sip_tcp_port=0
+sip_tls_port=-2
+contact=sip:user{client.index}@{client.addr}
+guess_hostname=0
+use_ipv6=0
+dns_srv_enabled=0
+dns_search_enabled=0
+root_ca={ctx.pki.ca}
+verify_server_certs=1
+verify_server_cn=0
+media_encryption=srtp
+media_encryption_mandatory=1
+srtp_crypto_suites={params["srtp_suite"]}
+[net]
+nat_policy_ref=lab
+[nat_policy_0]
+ref=lab
+protocols=
+[rtp]
+bind_address={client.addr}
+audio_rtp_port=10000-40000
+[sound]
+echocancellation=0
+tone_indications=0
+[video]
+display=0
+capture=0
+automatically_initiate=0
+automatically_accept=0
+[audio_codec_0]
+mime={mime}
+rate={rate}
+channels={channels}
+enabled=1
+"""
+
+
+def _linphone_call(
+    ctx: RunContext, client: Client, argv: list[str], commands: list[str], seconds: float
+) -> int:
+    """Drive linphonec through its command prompt: send `commands` (the last one places the
+    call), hold the call `seconds` once its media run, hang up and quit. 0 only when the media
+    were established and the call lasted until our hang-up; linphonec is killed if it hangs."""
+    lab = ctx.lab
+    lines: queue.Queue[str | None] = queue.Queue()
+    with open(lab.state / f"client-{client.index}.log", "a") as log:
+        log.write(f"\n$ {' '.join(argv)}\n")
+        log.flush()
+        proc = lab.popen(
+            client.ns, argv, must_live=False, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1,
+        )  # fmt: skip
+
+        def pump() -> None:  # a thread: readline after select() would miss buffered lines
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log.write(line)
+                lines.put(line)
+            lines.put(None)
+
+        def send(command: str, timeout: float = 10) -> None:
+            """Send one command and wait until linphonec has taken it (it echoes it after its
+            prompt): its stdin reader keeps one line, and overwrites it with the next."""
+            assert proc.stdin is not None
+            proc.stdin.write(command + "\n")
+            proc.stdin.flush()
+            if not wait_for((command,), timeout):  # None: no echo in time, "": it exited
+                raise TimeoutError(f"linphonec did not take {command!r}")
+
+        def wait_for(words: tuple[str, ...], timeout: float) -> str | None:
+            """The first line holding one of `words` within `timeout` seconds ("" at EOF)."""
+            deadline = time.monotonic() + timeout
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    line = lines.get(timeout=left)
+                except queue.Empty:
+                    break
+                if line is None:
+                    return ""
+                if any(w in line for w in words):
+                    return line
+            return None
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        ok = False
+        try:
+            # liblinphone starts in about a second (the first command waits for that) and a lab
+            # call is set up in a tenth of one; 30 s each covers a loaded machine
+            for k, command in enumerate(commands):
+                send(command, 30 if k == 0 else 10)
+            line = wait_for(("Media streams established", *_LINPHONE_FAILED), 30)
+            if line and "Media streams established" in line:
+                ok = wait_for(_LINPHONE_FAILED, seconds) is None  # no hang-up from the far end
+                send("terminate")
+                wait_for((" ended (",), 5)
+            send("quit")
+        except OSError:  # linphonec died (a broken pipe) or stopped taking commands
+            ok = False
+        finally:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()  # type: ignore[union-attr]  # EOF makes linphonec quit too
+            lab.reap(proc, 10)
+            reader.join(5)
+    if proc.returncode < 0:  # killed by reap: it hung
+        return 124
+    return proc.returncode if proc.returncode else (0 if ok else 1)
+
+
+class Linphone(App):
+    """A phone call from linphonec (liblinphone 5) to the auto-answering baresip of `Sip`:
+    SIP over TLS, SRTP (SDES, suite drawn), audio from a wav file (the lab has no sound card)."""
+
+    label = "voip"
+    name = "linphone-tls"
+    programs = ("baresip", "ffmpeg", "linphonec")
+
+    def start(self, ctx: RunContext) -> None:
+        _start_baresip(ctx)
+
+    def params(self, rng: random.Random, seconds: float) -> dict:
+        return {
+            "codec": rng.choice(list(_CODECS)),
+            "call_seconds": max(3, int(seconds * rng.uniform(0.6, 1.0))),
+            "srtp_suite": rng.choice(_SRTP_SUITES),
+        }
+
+    def session(self, ctx: RunContext, client: Client, params: dict) -> int:
+        codec = params["codec"]
+        target = f"sip:{codec}@{SERVER_ADDR}:{ctx.shared['sip'][codec] + 1};transport=tls"
+        # HOME holds liblinphone's database: without a directory to create it in, the core
+        # never leaves its startup state (no SIP transport, every call fails at once)
+        home = ctx.workdir(f"client-{client.index}/linphone")
+        (home / ".local/share/linphone").mkdir(parents=True, exist_ok=True)
+        config = home / "linphonerc"
+        config.write_text(_linphone_config(ctx, client, params))
+        argv = ["env", f"HOME={home}", "linphonec", "-c", str(config)]
+        # file mode: the wav is the microphone, and what the far end sends is dropped
+        commands = ["soundcard use files", f"play {_voice(ctx, codec)}", f"call {target}"]
+        return _linphone_call(ctx, client, argv, commands, params["call_seconds"])
+
+
 # -- torrent: opentracker + an aria2c seeder; aria2c / transmission-cli leechers --------------
 
 _TORRENT_MB = (0.5, 2, 6, 12)  # the run's torrents: one file each, random bytes
@@ -1258,6 +1430,7 @@ APPS: dict[str, type[App]] = {
         Icecast,
         Sip,
         SipUdp,
+        Linphone,
         Aria2,
         Transmission,
     )

@@ -78,6 +78,7 @@ REQUIREMENTS: dict[str, Requirement] = {
         Requirement("icecast2", "icecast2", _which("icecast2")),
         Requirement("curl", "curl", _which("curl")),
         Requirement("baresip", "baresip-core", _which("baresip")),
+        Requirement("linphonec", "linphone-cli", _which("linphonec")),
         Requirement("opentracker", "opentracker", _which("opentracker")),
         Requirement("aria2c", "aria2", _which("aria2c")),
         Requirement("transmission-cli", "transmission-cli", _which("transmission-cli")),

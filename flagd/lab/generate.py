@@ -39,7 +39,7 @@ from flagd.lab.tunnel import OpenVpn, WireGuard, only_tunnel
 # (`plaintext_start`) so shortcut masking can be checked against them.
 BENCHMARK_APPS = (
     "xmpp-tls", "irc-tls", "smtps", "imaps", "sftp", "scp", "https-download", "hls-https",
-    "icecast-https", "sip-tls", "aria2", "transmission",
+    "icecast-https", "sip-tls", "linphone-tls", "aria2", "transmission",
 )  # fmt: skip
 MANIFEST = "manifest.json"
 OVPN_CIPHERS = ("AES-256-GCM", "AES-128-GCM", "CHACHA20-POLY1305")
