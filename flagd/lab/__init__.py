@@ -21,6 +21,7 @@ Classes and applications (`apps.CLASSES`):
     streaming      hls-https                     nginx HLS (ffmpeg-made); ffmpeg at playback rate
                    icecast-https                 icecast2 (TLS only), live ffmpeg source; curl
     voip           sip-tls, sip-udp              baresip auto-answer, SRTP, opus/G.722/PCMU
+                   linphone-tls                  linphonec calling the same answerer (TLS, SRTP)
     torrent        aria2, transmission           opentracker + aria2c seeder; two leechers
     vpn-<class>    the same through --tunnel wireguard (wireguard-go) or openvpn (UDP, tun)
 

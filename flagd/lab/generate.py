@@ -252,6 +252,8 @@ def run_session(
         reason = only_tunnel(stats, client, ctx.shared[job.tunnel].port)
     if reason is None and capture.dropped:
         reason = f"capture dropped {capture.dropped} packets"
+    if reason is None and capture.received != stats.packets:
+        reason = f"the kernel saw {capture.received} packets, the capture holds {stats.packets}"
     kept = keep_first(frames, settings.keep_packets) if reason is None else None
     record = {
         "id": job.id,
