@@ -104,7 +104,7 @@ class _Dist:
             # once per process, torn down at exit: pretrain then finetune in one process (or
             # two calls) share the group, as re-creating one under torchrun's store can hang
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-            atexit.register(dist.destroy_process_group)
+            atexit.register(_leave_group)
         self.rank = dist.get_rank() if self.world > 1 else 0
         self.main = self.rank == 0
 
@@ -114,6 +114,14 @@ class _Dist:
         if self.world > 1:
             dist.all_reduce(t)
         return t
+
+
+def _leave_group() -> None:
+    # Every rank waits for the others before tearing its connections down: a rank that exits
+    # while its peer still holds the group can abort the peer inside gloo ("terminate called
+    # without an active exception"), failing a run whose work was done.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _wrap(model: nn.Module, d: _Dist, device: torch.device, **kw: Any) -> nn.Module:
