@@ -203,8 +203,8 @@ class Rules:
 def validate(
     returncode: int, stats: SessionStats, rules: Rules = Rules(), client: str | None = None
 ) -> str | None:
-    """Why the session must not be labelled, or None when it is good. `client`: the address
-    every flow of the session's own link has at one end."""
+    """Why the session must not be labelled, or None when it is good. `client`: the client's
+    own address, which a capture of its link must show (else it recorded another link)."""
     if returncode != 0:
         return f"client exited with status {returncode}"
     if stats.foreign:
