@@ -241,7 +241,6 @@ def drain_cost(pair, mode: str, count: int) -> float:
     return elapsed / got * 1e6
 
 
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=1.5, help="length of each trial")

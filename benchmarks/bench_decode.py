@@ -43,7 +43,6 @@ Stage = Callable[[object, Frames], object]
 StageFactory = Callable[[], Stage]
 
 
-
 def stages(args: argparse.Namespace) -> list[tuple[str, StageFactory]]:
     """The stages run on each decoded batch after read + decode."""
     if args.no_flows:

@@ -33,7 +33,6 @@ T = 128
 DEFAULT_FLOWS = {"tiny": 4096, "small": 1024, "paper": 64}
 
 
-
 def make_flows(n: int, vocab_size: int, lengths: str, seed: int = 0) -> torch.Tensor:
     """[CLS] phrases with a [SEP] every 40 (packets) [EOS], then PAD."""
     g = torch.Generator().manual_seed(seed)

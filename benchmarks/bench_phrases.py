@@ -126,7 +126,6 @@ def in_order_kept(d: PhraseDict, flow: list[bytes], max_len: int) -> int:
     return kept
 
 
-
 def main() -> int:
     default = Path(
         os.environ.get("FLAGD_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")

@@ -37,7 +37,6 @@ from tests import floodgen  # noqa: E402
 MiB = 1 << 20
 
 
-
 def summarize(log: Path, real: set[tuple[str, int]]) -> dict:
     """Figures from the event log: final stats, queue maxima, real flows classified."""
     n_flow = n_cls = real_cls = 0

@@ -33,7 +33,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-
 class Tally:
     def __init__(self, name: str, crash_dir: Path) -> None:
         self.name, self.crash_dir = name, crash_dir

@@ -29,7 +29,6 @@ from flagd.lab.generate import Settings, generate
 BIG = 10  # packets: a flow this long carries more than a handshake or a tracker announce
 
 
-
 def measure(settings: Settings) -> tuple[dict, float]:
     """Per-class figures of one run, and its wall time from first session start to last end."""
     t0 = time.time()

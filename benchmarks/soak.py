@@ -34,7 +34,6 @@ from tests import floodgen  # noqa: E402
 MiB = 1 << 20
 
 
-
 def replay_soak(hours: float, rate: float, model: bool, every: float) -> None:
     """The same churn on the capture's own clock: `hours` of `rate` new flows/s replayed as
     fast as flagd goes, so hours of flow-table churn take minutes. RSS against flows metered."""

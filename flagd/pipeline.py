@@ -335,7 +335,6 @@ class Pipeline:
         return self.counters
 
 
-
 class FileSource:
     """Frames from a capture file, as fast as possible or paced by the capture's own clock."""
 

@@ -101,8 +101,6 @@ def tiny_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-
-
 def test_full_disk_keeps_whole_lines_and_the_pipeline_keeps_counting(tmp_path, tiny_disk):
     cap = floodgen.write_flood(tmp_path / "flood.pcap", "syn", 3000).path
     warnings: list[str] = []

@@ -142,8 +142,6 @@ class BurstSource:
         pass
 
 
-
-
 def test_overload_sheds_at_the_batch_queue_counts_it_and_still_ends_every_flow():
     n = 20_000
     records = floodgen.flood_records("random", n, seed=3)  # one relevant packet per flow

@@ -162,7 +162,6 @@ class WireGuard:
             )  # fmt: skip
 
 
-
 def only_tunnel(stats: SessionStats, client: Client, port: int) -> str | None:
     """Why a VPN session's capture holds more than its tunnel (UDP to the router's `port`), or
     None when it holds only that."""
