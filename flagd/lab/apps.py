@@ -88,10 +88,12 @@ def wait_tcp(
     raise LabError(f"no server listening on {SERVER_ADDR}:{port} after {timeout:.0f} s")
 
 
-def _chown(path: Path, user: str) -> None:
-    shutil.chown(path, user, user)
+def _chown(path: Path, user: str, group: str | None = None) -> None:
+    """`path` and everything under it to `user` and `group` (default: the user's namesake)."""
+    group = group or user
+    shutil.chown(path, user, group)
     for sub in path.rglob("*"):
-        shutil.chown(sub, user, user)
+        shutil.chown(sub, user, group)
 
 
 def _text(rng: random.Random, n: int) -> str:
@@ -879,9 +881,7 @@ def _start_icecast(ctx: RunContext) -> int:
 </icecast>
 """
     )
-    shutil.chown(base, "icecast2", "icecast")
-    for sub in base.rglob("*"):
-        shutil.chown(sub, "icecast2", "icecast")
+    _chown(base, "icecast2", "icecast")
     proc = lab.popen(lab.server, ["icecast2", "-c", str(base / "icecast.xml")], log="icecast")
     wait_tcp(lab, port, proc=proc)
     music = base / "music.wav"
