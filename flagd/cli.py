@@ -342,7 +342,6 @@ def finetune(
     from flagd.flows import FlowSettings
     from flagd.infer import save_bundle
     from flagd.model import ModelConfig
-    from flagd.preprocess import Preprocessing
     from flagd.train import finetune as run_finetune
 
     if (init is None) != no_pretrain:
@@ -363,8 +362,7 @@ def finetune(
                  labels=tr.classes, run_dir=out, epochs=epochs, batch_size=batch_size, lr=lr,
                  vocab_sha256=phrases.sha256, seed=seed)
     s = tr.settings
-    settings = FlowSettings(ready_packets=s["ready_packets"],
-                            preprocessing=Preprocessing.from_dict(s["preprocessing"]))
+    settings = FlowSettings.from_dict(s)
     best = torch.load(out / "best.pt", weights_only=True)
     bundle = save_bundle(out / "model", best, phrases, settings, max_len, metrics=best["metrics"])
     typer.echo(f"{bundle}: model bundle (use with --model)")

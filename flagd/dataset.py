@@ -162,10 +162,5 @@ def build(paths: Iterable[str | Path], settings: FlowSettings | None = None,
     stats_d.update(flows=len(flows), dropped=dict(dropped), duplicate_conflicts=conflicts,
                    errors=errors, per_class={c: int((labels == i).sum()) for c, i in index.items()})
     return Dataset(flows, labels, classes, np.array(source, np.int32), sources,
-                   np.array(start, np.float64), settings_dict(settings), stats_d)
+                   np.array(start, np.float64), settings.to_dict(), stats_d)
 
-
-def settings_dict(s: FlowSettings) -> dict:
-    return {"idle_timeout": s.idle_timeout, "active_timeout": s.active_timeout,
-            "closed_timeout": s.closed_timeout, "ready_packets": s.ready_packets,
-            "preprocessing": s.preprocessing.to_dict()}

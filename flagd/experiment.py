@@ -190,8 +190,7 @@ def run_mode(ds: Dataset, mode: str, p: Protocol, out: Path,
 def export(run: Path, phrases: PhraseDict, ds: Dataset, p: Protocol, report: dict) -> Path:
     """Write run/model/, a bundle `flagd replay --model` loads, with its test report."""
     s = ds.settings
-    settings = FlowSettings(ready_packets=s["ready_packets"],
-                            preprocessing=Preprocessing.from_dict(s["preprocessing"]))
+    settings = FlowSettings.from_dict(s)
     best = torch.load(run / "best.pt", weights_only=True)
     return save_bundle(run / "model", best, phrases, settings, p.max_len, metrics=report)
 

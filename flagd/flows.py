@@ -44,6 +44,20 @@ class FlowSettings:
     ready_packets: int = 5  # K: relevant packets that make a flow ready for classification
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
 
+    def to_dict(self) -> dict:
+        return {"idle_timeout": self.idle_timeout, "active_timeout": self.active_timeout,
+                "closed_timeout": self.closed_timeout, "max_flows": self.max_flows,
+                "ready_packets": self.ready_packets,
+                "preprocessing": self.preprocessing.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FlowSettings:
+        """The settings a dataset or bundle recorded; keys it lacks keep their defaults."""
+        kw = {k: d[k] for k in ("idle_timeout", "active_timeout", "closed_timeout", "max_flows")
+              if k in d}
+        return cls(ready_packets=int(d["ready_packets"]),
+                   preprocessing=Preprocessing.from_dict(d["preprocessing"]), **kw)
+
 
 @dataclass(slots=True, eq=False)
 class Flow:
@@ -63,6 +77,9 @@ class Flow:
     bytes_toserver: int = 0
     bytes_toclient: int = 0
     packets: list[bytes] = field(default_factory=list)  # first K relevant packets, model bytes
+    # The side channel of each kept packet, beside its bytes: direction (0 client->server,
+    # 1 back), wire length, and seconds since the flow's previous packet (relevant or not).
+    sides: list[tuple[int, int, float]] = field(default_factory=list)
     relevant: int = 0  # relevant packets seen (may exceed K)
     drop_rule: str | None = None  # first relevance rule that removed one of its packets
     fin_toserver: bool = False
@@ -189,7 +206,7 @@ class FlowTable:
                 if len(flows) >= s.max_flows:
                     self._end(next(iter(flows.values())), Expiry.LIMIT)
                 f = self._new(p, int(rows[j]), key, high, t)
-            f.last = t
+            gap, f.last = t - f.last, t
             if high == f.client_is_high:
                 f.pkts_toserver += 1
                 f.bytes_toserver += size
@@ -203,7 +220,7 @@ class FlowTable:
                     f.drop_rule = names[code - 1]
             else:
                 if f.relevant < k_ready:
-                    self._keep(f, p, int(rows[j]))
+                    self._keep(f, p, int(rows[j]), (int(high != f.client_is_high), size, gap))
                 f.relevant += 1
         self.now = now
 
@@ -219,8 +236,10 @@ class FlowTable:
         if f.closed_at is not None:
             self.closing.append(f)
 
-    def _keep(self, f: Flow, p: Packets, i: int) -> None:
-        """Keep packet i's model bytes as one of the flow's first K; hand the flow on at K."""
+    def _keep(self, f: Flow, p: Packets, i: int, side: tuple[int, int, float]) -> None:
+        """Keep packet i's model bytes and side channel as one of the flow's first K; hand the
+        flow on at K."""
+        f.sides.append(side)
         f.packets.append(model_bytes(
             p.frames.data, int(p.ip_off[i]), int(p.ip_caplen[i]), int(p.l4_off[i]),
             int(p.l4_hdr_len[i]), int(p.version[i]), int(p.proto[i]), self.settings.preprocessing))

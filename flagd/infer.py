@@ -22,7 +22,6 @@ from flagd.events import Prediction
 from flagd.flows import Flow, FlowSettings
 from flagd.model import load_checkpoint, predict_logits, prepare_for_inference
 from flagd.phrases import PhraseDict, PhraseDictError
-from flagd.preprocess import Preprocessing
 
 FORMAT = "flagd-model"
 VERSION = 1
@@ -129,10 +128,7 @@ class Bundle:
         else:
             model = model.to(device).eval()
         try:
-            settings = FlowSettings(
-                ready_packets=int(manifest["ready_packets"]),
-                preprocessing=Preprocessing.from_dict(manifest["preprocessing"]),
-            )
+            settings = FlowSettings.from_dict(manifest)
             max_len, labels = int(manifest["max_len"]), list(ckpt["labels"])
         except (KeyError, TypeError, ValueError) as e:
             raise BundleError(f"{manifest_path}: bad or missing entry ({type(e).__name__}: {e})") from None
