@@ -26,7 +26,8 @@ from collections.abc import Callable
 import torch
 from machine import machine  # noqa: E402  (benchmarks/machine.py, beside this script)
 
-from flagd.model import FlagEncoder, ModelConfig, predict_logits, prepare_for_inference
+from flagd.infer import predict_logits, prepare_for_inference
+from flagd.model import FlagEncoder, ModelConfig
 from flagd.phrases import CLS, EOS, NUM_SPECIAL, PAD, SEP
 
 T = 128

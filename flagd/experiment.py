@@ -27,9 +27,9 @@ import torch
 from flagd import evaluate
 from flagd.dataset import Dataset, build
 from flagd.flows import FlowSettings
-from flagd.infer import save_bundle
+from flagd.infer import predict_logits, prepare_for_inference, save_bundle
 from flagd.labels import labeller
-from flagd.model import ModelConfig, load_checkpoint, predict_logits, prepare_for_inference
+from flagd.model import ModelConfig, load_checkpoint
 from flagd.phrases import PhraseDict
 from flagd.preprocess import Preprocessing
 from flagd.train import finetune, pretrain

@@ -307,46 +307,7 @@ def load_checkpoint(
     return model.to(map_location), ckpt
 
 
-# ---------------------------------------------------------------------------------------------
-# CPU inference: what the daemon calls. Measured in benchmarks/bench_inference.py.
-
-
-def prepare_for_inference(model: FlagEncoder, *, quantize: bool = True) -> FlagEncoder:
-    """A frozen, eval-mode copy for CPU inference.
-
-    quantize: dynamic int8 quantisation of every nn.Linear (weights int8 once, activations
-    quantised per batch): the matmuls dominate at these sizes and this CPU has VNNI.
-    The token embeddings and the tied masked-phrase decoder stay fp32.
-    """
-    model = model.eval().requires_grad_(False)
-    if not quantize:
-        return model
-    import warnings
-
-    with warnings.catch_warnings():
-        # torch.ao.quantization is deprecated in favour of torchao, which we do not depend on;
-        # the dynamic-int8 path it provides still works in the pinned torch
-        warnings.simplefilter("ignore")
-        from torch.ao.quantization import quantize_dynamic
-
-        return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
-
-
 def trim_padding(ids: torch.Tensor) -> torch.Tensor:
     """Drop the trailing columns that are PAD in every row (no effect on real positions)."""
     lengths = padding_mask(ids).sum(1)
     return ids[:, : max(int(lengths.max()) if len(lengths) else 0, 1)]
-
-
-@torch.inference_mode()
-def predict_logits(model: FlagEncoder, ids: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Class logits (N, n_classes), float32 on ids' device, for ids (N, T), with padding-aware
-    batching: rows are sorted by real length so each batch holds similar lengths, then each
-    batch is cut to its longest row. Short flows (most of them) then cost only their length."""
-    n = ids.size(0)
-    order = torch.argsort(padding_mask(ids).sum(1), descending=True, stable=True)
-    out = torch.empty(n, model.cfg.n_classes, device=ids.device)
-    for i in range(0, n, batch_size):
-        idx = order[i : i + batch_size]
-        out[idx] = model.classify(trim_padding(ids[idx]))[0].float()
-    return out

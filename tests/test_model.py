@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from flagd.infer import predict_logits, prepare_for_inference
 from flagd.model import (
     PRESETS,
     FlagEncoder,
@@ -19,8 +20,6 @@ from flagd.model import (
     SelfAttention,
     load_checkpoint,
     make_checkpoint,
-    predict_logits,
-    prepare_for_inference,
     trim_padding,
 )
 from flagd.phrases import CLS, EOS, MASK, NUM_SPECIAL, PAD, SEP
