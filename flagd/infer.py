@@ -26,7 +26,10 @@ from flagd.phrases import PhraseDict, PhraseDictError
 
 FORMAT = "flagd-model"
 VERSION = 1
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "iscx-vpn2016"
+# The shipped bundles are package data (flagd/models/<name>/), so every kind of install has them;
+# the repository's top-level models/ is a symlink to this directory.
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+DEFAULT_MODEL = MODELS_DIR / "iscx-vpn2016"
 
 
 class BundleError(ValueError):
@@ -41,8 +44,37 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def installed_models() -> dict[str, Path]:
+    """The bundles shipped inside the package, by name (their directory name), sorted."""
+    if not MODELS_DIR.is_dir():
+        return {}
+    return {p.name: p for p in sorted(MODELS_DIR.iterdir()) if (p / "bundle.json").is_file()}
+
+
 def default_model() -> Path:
-    return Path(os.environ.get("FLAGD_MODEL", DEFAULT_MODEL))
+    """The bundle used when none is given: $FLAGD_MODEL (a name or a path), else iscx-vpn2016."""
+    env = os.environ.get("FLAGD_MODEL")
+    return resolve_model(env) if env else DEFAULT_MODEL
+
+
+def resolve_model(name_or_path: str | Path) -> Path:
+    """The bundle directory meant by `--model`: a path, or the name of a shipped bundle.
+
+    An existing path wins, so `--model lab12` still means ./lab12 where such a directory exists
+    (what it meant before names were accepted); a bare name that is not a path is looked up among
+    the shipped bundles. Neither: BundleError naming what is shipped.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    text = str(name_or_path)
+    shipped = installed_models()
+    if text in shipped:
+        return shipped[text]
+    if "/" in text or os.sep in text:
+        raise BundleError(f"{text}: no such model bundle directory")
+    raise BundleError(f"{text}: neither a model bundle directory nor a shipped bundle "
+                      f"(shipped: {', '.join(shipped) or 'none'}; see `flagd models`)")
 
 
 # ---------------------------------------------------------------------------------------------
