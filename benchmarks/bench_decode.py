@@ -30,7 +30,7 @@ import numpy as np
 from flagd.flows import FlowTable
 from flagd.frames import LINKTYPE_ETHERNET, Frames
 from flagd.packets import Skip, decode
-from flagd.source import read_capture
+from flagd.pcapfile import read_capture
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machine import machine  # noqa: E402  (benchmarks/machine.py, beside this script)

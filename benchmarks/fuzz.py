@@ -106,7 +106,7 @@ def fuzz_frames(n: int, seed: int, crash_dir: Path, mutate_on: bool = True) -> T
 def fuzz_files(n: int, seed: int, crash_dir: Path, mutate_on: bool = True) -> Tally:
     from flagd.flows import FlowSettings, FlowTable
     from flagd.packets import DecodeError, decode
-    from flagd.source import read_capture
+    from flagd.pcapfile import read_capture
     from tests.test_robustness import SEEDS, check_frames, mutate
 
     rng = random.Random(seed)
@@ -141,7 +141,7 @@ def replay_ndpi(crash_dir: Path) -> Tally | None:
     """Every capture of the nDPI test suite (543 files, fuzz-* among them): read, decode, meter."""
     from flagd.flows import FlowSettings, FlowTable
     from flagd.packets import DecodeError, decode
-    from flagd.source import read_capture
+    from flagd.pcapfile import read_capture
     from tests.conftest import shared_data
 
     d = shared_data() / "ndpi" / "pcap"
@@ -177,7 +177,7 @@ def atheris_child(argv: list[str]) -> None:
     with atheris.instrument_imports():
         from flagd.flows import FlowSettings, FlowTable
         from flagd.packets import DecodeError, decode
-        from flagd.source import read_capture
+        from flagd.pcapfile import read_capture
     path = Path(tempfile.mkdtemp(prefix="flagd-atheris-", dir="/dev/shm")) / "in.cap"
 
     def one(data: bytes) -> None:

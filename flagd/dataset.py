@@ -1,7 +1,8 @@
 """Labelled flows built from captures, in the exact form the daemon feeds the model.
 
 A dataset is the flow table's output over capture files: for each flow with at least one
-relevant packet, its first K model-byte packets, its label, the capture it came from (for
+relevant packet, its first K model-byte packets and their side channel (direction, wire length,
+gap since the flow's previous packet), its label, the capture it came from (for
 group-aware splits) and its start time. Exact duplicate flows are removed and counted. It is
 stored as one compressed .npz (bytes back to back plus offsets), quick to reload.
 """
@@ -19,16 +20,17 @@ import numpy as np
 
 from flagd.flows import END, FlowSettings, FlowTable
 from flagd.packets import DecodeError, decode
-from flagd.source import read_capture
+from flagd.pcapfile import read_capture
 
 CAPTURE_SUFFIXES = (".pcap", ".pcapng", ".cap")
 FORMAT = "flagd-dataset"
-VERSION = 1
+VERSION = 2  # 2: the side channel of every kept packet
 
 
 @dataclass
 class Dataset:
     flows: list[list[bytes]]  # per flow, its first K relevant packets as model bytes
+    sides: list[list[tuple[int, int, float]]]  # per flow and packet: Flow.sides
     labels: np.ndarray  # int16 index into classes, -1 when unlabelled
     classes: list[str]
     source: np.ndarray  # int32 index into sources
@@ -41,7 +43,8 @@ class Dataset:
         return len(self.flows)
 
     def subset(self, idx: np.ndarray) -> Dataset:
-        return Dataset([self.flows[i] for i in idx], self.labels[idx], self.classes,
+        return Dataset([self.flows[i] for i in idx], [self.sides[i] for i in idx],
+                       self.labels[idx], self.classes,
                        self.source[idx], self.sources, self.start[idx], self.settings, self.stats)
 
     def save(self, path: str | Path) -> Path:
@@ -50,6 +53,7 @@ class Dataset:
             path = path.with_suffix(".npz")
         path.parent.mkdir(parents=True, exist_ok=True)
         pkt_lens = [len(p) for flow in self.flows for p in flow]
+        sides = np.array([s for flow in self.sides for s in flow], np.float64).reshape(-1, 3)
         meta = {"format": FORMAT, "version": VERSION, "classes": self.classes,
                 "sources": self.sources, "settings": self.settings, "stats": self.stats}
         np.savez_compressed(
@@ -57,6 +61,9 @@ class Dataset:
             data=np.frombuffer(b"".join(p for flow in self.flows for p in flow), np.uint8),
             pkt_len=np.array(pkt_lens, np.int32),
             flow_npkts=np.array([len(f) for f in self.flows], np.int32),
+            pkt_dir=sides[:, 0].astype(np.uint8),
+            pkt_wirelen=sides[:, 1].astype(np.int32),
+            pkt_gap=sides[:, 2].astype(np.float64),
             labels=self.labels.astype(np.int16),
             source=self.source.astype(np.int32),
             start=self.start.astype(np.float64),
@@ -70,16 +77,25 @@ class Dataset:
         try:
             z = np.load(path, allow_pickle=False)
             meta = json.loads(str(z["meta"]))
-            data, pkt_len, npkts = z["data"].tobytes(), z["pkt_len"], z["flow_npkts"]
         except (OSError, KeyError, ValueError) as e:
             raise DatasetError(f"{path}: not a flagd dataset ({e})") from None
-        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-            raise DatasetError(f"{path}: not a flagd dataset version {VERSION}")
+        if meta.get("format") != FORMAT:
+            raise DatasetError(f"{path}: not a flagd dataset")
+        if meta.get("version") != VERSION:
+            raise DatasetError(
+                f"{path}: flagd dataset version {meta.get('version')}, this flagd reads version "
+                f"{VERSION} (which adds each packet's direction, length and timing); rebuild it "
+                f"with `flagd dataset build`")
+        data, pkt_len, npkts = z["data"].tobytes(), z["pkt_len"], z["flow_npkts"]
+        side_rows = zip(z["pkt_dir"].tolist(), z["pkt_wirelen"].tolist(), z["pkt_gap"].tolist(),
+                        strict=True)
         ends = np.cumsum(pkt_len).tolist()
         packets = [data[e - n:e] for e, n in zip(ends, pkt_len.tolist(), strict=True)]
         flow_ends = np.cumsum(npkts).tolist()
         flows = [packets[e - n:e] for e, n in zip(flow_ends, npkts.tolist(), strict=True)]
-        return cls(flows, z["labels"].astype(np.int64), meta["classes"], z["source"],
+        side_list = list(side_rows)
+        sides = [side_list[e - n:e] for e, n in zip(flow_ends, npkts.tolist(), strict=True)]
+        return cls(flows, sides, z["labels"].astype(np.int64), meta["classes"], z["source"],
                    meta["sources"], z["start"], meta["settings"], meta["stats"])
 
 
@@ -117,6 +133,7 @@ def build(paths: Iterable[str | Path], settings: FlowSettings | None = None,
     Unreadable captures are skipped and listed in stats["errors"]."""
     settings = settings or FlowSettings()
     flows: list[list[bytes]] = []
+    sides: list[list[tuple[int, int, float]]] = []
     names: list[str | None] = []
     source: list[int] = []
     start: list[float] = []
@@ -150,6 +167,7 @@ def build(paths: Iterable[str | Path], settings: FlowSettings | None = None,
                     continue
                 seen[digest] = len(flows)
                 flows.append(list(f.packets))
+                sides.append(list(f.sides))
                 names.append(name)
                 source.append(len(sources) - 1)
                 start.append(f.start)
@@ -161,6 +179,6 @@ def build(paths: Iterable[str | Path], settings: FlowSettings | None = None,
     stats_d = dict(stats)
     stats_d.update(flows=len(flows), dropped=dict(dropped), duplicate_conflicts=conflicts,
                    errors=errors, per_class={c: int((labels == i).sum()) for c, i in index.items()})
-    return Dataset(flows, labels, classes, np.array(source, np.int32), sources,
+    return Dataset(flows, sides, labels, classes, np.array(source, np.int32), sources,
                    np.array(start, np.float64), settings.to_dict(), stats_d)
 

@@ -341,7 +341,7 @@ class FileSource:
     live = False
 
     def __init__(self, path: str, speed: float | None = None) -> None:
-        from flagd.source import read_capture
+        from flagd.pcapfile import read_capture
 
         self.name = path
         self.speed = speed  # None = as fast as possible; 1.0 = real time; 2.0 = twice as fast

@@ -31,7 +31,7 @@ from typer.testing import CliRunner
 from flagd.capture import list_interfaces
 from flagd.frames import Frames
 from flagd.lab import apps, doctor, topology
-from flagd.lab.apps import App, RunContext, wait_tcp
+from flagd.lab.apps import App, RunContext, voip, wait_tcp
 from flagd.lab.cli import Exit, lab_app
 from flagd.lab.generate import BENCHMARK_APPS, FORMAT, Settings, generate, plan, summarize
 from flagd.lab.pki import make_pki
@@ -45,7 +45,7 @@ from flagd.lab.record import (
 from flagd.lab.topology import SERVER_ADDR, build_lab, is_lab_address, lab_namespaces, reap_stale
 from flagd.lab.tunnel import OpenVpn, WireGuard
 from flagd.packets import decode
-from flagd.source import read_capture
+from flagd.pcapfile import read_capture
 from tests import crafted
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -635,7 +635,7 @@ def test_linphone_config_names_nothing_outside_the_lab():
     client = topology.Client(0, "ns", "192.0.2.2", "192.0.2.1")
     ctx = SimpleNamespace(pki=SimpleNamespace(ca=Path("/run/lab/pki/ca.pem")))
     params = apps.Linphone().params(random.Random(0), 6)
-    text = apps._linphone_config(ctx, client, params)  # type: ignore[arg-type]
+    text = voip._linphone_config(ctx, client, params)  # type: ignore[arg-type]
     addresses = re.findall(r"\d+\.\d+\.\d+\.\d+", text)
     assert addresses and all(is_lab_address(a) for a in addresses)
     assert not re.search(r"linphone\.org|stun|turn|proxy|uri|url", text, re.IGNORECASE)
@@ -681,7 +681,7 @@ def test_linphone_driver_ends_every_call_in_bounded_time(tmp_path, mode, expect)
     with build_lab(1) as lab:
         ctx = RunContext(lab, make_pki(lab.state / "pki"), random.Random(0))
         started = time.monotonic()
-        rc = apps._linphone_call(
+        rc = voip._linphone_call(
             ctx, lab.clients[0], [sys.executable, str(script), mode],
             ["soundcard use files", "call sip:x"], 1,
         )  # fmt: skip

@@ -32,7 +32,7 @@ from flagd.frames import (
     Frames,
 )
 from flagd.packets import DecodeError, Skip, decode
-from flagd.source import read_capture
+from flagd.pcapfile import read_capture
 from tests import crafted
 from tests.conftest import shared_data
 

@@ -21,7 +21,7 @@ from flagd.frames import (
     Frames,
 )
 from flagd.packets import DecodeError, Skip, decode
-from flagd.source import MAX_CAPLEN, CaptureFile, read_capture
+from flagd.pcapfile import MAX_CAPLEN, CaptureFile, read_capture
 from tests import crafted
 from tests.crafted import Interface, Record
 

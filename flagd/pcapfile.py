@@ -1,4 +1,4 @@
-"""Capture sources: pcap and pcapng files read into `Frames` batches.
+"""Capture files: pcap and pcapng read into `Frames` batches.
 
 This is the only module that opens capture files. A file is mapped into memory once; a tight
 loop walks the record (or block) headers with `struct.unpack_from` and only collects where each
