@@ -55,15 +55,49 @@ def _load_model(model: str | None, no_model: bool, top_k: int):
     """The bundle to classify with, or None for flow events only."""
     if no_model:
         return None  # without a model, torch is never imported
-    from flagd.infer import Bundle, BundleError, default_model
-    path = Path(model) if model else default_model()
+    from flagd.infer import Bundle, BundleError, default_model, resolve_model
     try:
-        return Bundle.load(path, top_k=top_k)
+        return Bundle.load(resolve_model(model) if model else default_model(), top_k=top_k)
     except BundleError as e:
         raise fail(str(e)) from None
 
 
-ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Model bundle directory [default: the shipped models/iscx-vpn2016].")]
+@app.command(name="models")
+def models_cmd() -> None:
+    """List the model bundles shipped with flagd: name, classes, held-out test figures."""
+    import json
+
+    from flagd.infer import MODELS_DIR, BundleError, default_model, installed_models
+
+    shipped = installed_models()
+    if not shipped:
+        raise fail(f"no model bundle installed in {MODELS_DIR}")
+    try:
+        default = default_model().resolve()
+    except BundleError:
+        default = None  # a bad FLAGD_MODEL is reported where a model is loaded, not here
+    for name, path in shipped.items():
+        typer.echo(f"{name}{'  (default)' if path.resolve() == default else ''}")
+        try:
+            manifest = json.loads((path / "bundle.json").read_text())
+            labels, pre = manifest["labels"], manifest["preprocessing"]
+            typer.echo(f"  {len(labels)} classes: {' '.join(labels)}")
+            typer.echo(f"  flows: first {manifest['ready_packets']} relevant packets, "
+                       f"{pre['packet_bytes']} bytes each, at most {manifest['max_len']} phrase ids")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            typer.echo(f"  bundle.json unreadable ({type(e).__name__}: {e})")
+        try:
+            metrics = json.loads((path / "metrics.json").read_text())
+            test = metrics["test"]
+            typer.echo(f"  test: accuracy {test['accuracy']:.3f}, macro-F1 {test['macro_f1']:.3f}, "
+                       f"{test['n_flows']} flows ({metrics.get('note', 'held-out test split')})")
+        except (OSError, ValueError, KeyError, TypeError):
+            typer.echo("  test: no figures (metrics.json missing or without a test split)")
+        card = path / "README.md"
+        typer.echo(f"  card: {card if card.is_file() else 'none'}")
+
+
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Model bundle: a shipped bundle's name (see `flagd models`) or a bundle directory [default: iscx-vpn2016].")]
 NoModelOpt = Annotated[bool, typer.Option("--no-model", help="Only meter flows; classify nothing.")]
 LogOpt = Annotated[str | None, typer.Option("--log", "-l", help="JSONL event log ('-' = stdout).")]
 DashOpt = Annotated[bool | None, typer.Option("--dashboard/--no-dashboard", help="Terminal dashboard [default: when stdout is a terminal and --log is a file].")]
@@ -370,7 +404,7 @@ def finetune(
 
 @app.command(name="evaluate")
 def evaluate_cmd(
-    model: Annotated[Path, typer.Argument(help="Model bundle directory.")],
+    model: Annotated[str, typer.Argument(help="Model bundle: a shipped bundle's name (see `flagd models`) or a bundle directory.")],
     data: Annotated[list[Path], typer.Argument(help="Capture trees (class = directory) or datasets (.npz).")],
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
     heatmap: Annotated[Path | None, typer.Option(help="Confusion-matrix PNG [default: next to --json].")] = None,
@@ -381,11 +415,11 @@ def evaluate_cmd(
 
     from flagd import evaluate
     from flagd.dataset import Dataset, DatasetError, build
-    from flagd.infer import Bundle, BundleError
+    from flagd.infer import Bundle, BundleError, resolve_model
     from flagd.labels import labeller
 
     try:
-        bundle = Bundle.load(model)
+        bundle = Bundle.load(resolve_model(model))
     except BundleError as e:
         raise fail(str(e)) from None
     for p in data:
