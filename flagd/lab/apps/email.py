@@ -1,0 +1,217 @@
+"""Email: postfix (SMTP with STARTTLS required, or SMTPS) delivering into a Maildir that
+dovecot serves over IMAPS; swaks submits, Python's imaplib reads.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import sys
+
+from flagd.lab.apps.base import HERE, App, RunContext, _chown, _client, _text, wait_tcp
+from flagd.lab.pki import DOMAIN
+from flagd.lab.topology import SERVER_ADDR, Client, LabError
+
+# -- email: postfix (SMTP, STARTTLS required) + dovecot (IMAPS) --------------------------------
+
+_POSTFIX_SERVICES = """\
+{port} inet n - n - - smtpd
+{smtps} inet n - n - - smtpd -o smtpd_tls_wrappermode=yes
+pickup unix n - n 60 1 pickup
+cleanup unix n - n - 0 cleanup
+qmgr unix n - n 300 1 qmgr
+tlsmgr unix - - n 1000? 1 tlsmgr
+rewrite unix - - n - - trivial-rewrite
+bounce unix - - n - 0 bounce
+defer unix - - n - 0 bounce
+trace unix - - n - 0 bounce
+verify unix - - n - 1 verify
+flush unix n - n 1000? 0 flush
+proxymap unix - - n - - proxymap
+showq unix n - n - - showq
+error unix - - n - - error
+retry unix - - n - - error
+discard unix - - n - - discard
+virtual unix - n n - - virtual
+anvil unix - - n - 1 anvil
+scache unix - - n - 1 scache
+postlog unix-dgram n - n - 1 postlogd
+"""
+
+
+def _start_mail(ctx: RunContext) -> tuple[int, int, int]:
+    """postfix (SMTP with STARTTLS required) delivering into a Maildir that dovecot serves over
+    IMAPS; both started once per run. Returns (smtp, imaps, smtps) ports."""
+    if "mail" in ctx.shared:
+        return ctx.shared["mail"]
+    lab, pki = ctx.lab, ctx.pki
+    base = ctx.workdir("mail")
+    box = base / "box"
+    for sub in ("cur", "new", "tmp"):
+        (box / sub).mkdir(parents=True, exist_ok=True)
+    _chown(box, "mail")
+    smtp, imaps = ctx.port(25, "smtp"), ctx.port(993, "imaps")
+    smtps = ctx.port(465, "smtps")  # submission over implicit TLS (RFC 8314)
+    conf, spool, data = base / "postfix", base / "spool", base / "data"
+    for d in (conf, spool, data):
+        d.mkdir(exist_ok=True)
+    shutil.chown(data, "postfix", "postfix")
+    # Postfix with a private config directory fails silently until the config is complete:
+    # every directory, map and service it needs is spelled out here, chroot off everywhere.
+    (conf / "main.cf").write_text(
+        f"""compatibility_level = 3.6
+queue_directory = {spool}
+data_directory = {data}
+shlib_directory = /usr/lib/postfix
+meta_directory = /etc/postfix
+mail_owner = postfix
+setgid_group = postdrop
+inet_interfaces = {SERVER_ADDR}
+inet_protocols = ipv4
+myhostname = mail.{DOMAIN}
+mydomain = {DOMAIN}
+mydestination =
+local_recipient_maps =
+alias_maps =
+alias_database =
+virtual_mailbox_domains = {DOMAIN}
+virtual_mailbox_base = {base}
+virtual_mailbox_maps = static:box/
+virtual_uid_maps = static:8
+virtual_gid_maps = static:8
+virtual_mailbox_limit = 0
+virtual_minimum_uid = 8
+message_size_limit = 52428800
+smtpd_tls_security_level = encrypt
+smtpd_tls_cert_file = {pki.chain}
+smtpd_tls_key_file = {pki.key}
+smtpd_tls_auth_only = yes
+smtpd_relay_restrictions = permit_mynetworks reject_unauth_destination
+mynetworks = 127.0.0.0/8
+maillog_file = /dev/stdout
+biff = no
+"""
+    )
+    (conf / "master.cf").write_text(_POSTFIX_SERVICES.format(port=smtp, smtps=smtps))
+    res = lab.run(lab.server, ["postfix", "-c", str(conf), "check"])
+    if res.returncode:
+        raise LabError(f"postfix check failed: {(res.stderr or res.stdout)[-300:]}")
+    proc = lab.popen(lab.server, ["postfix", "-c", str(conf), "start-fg"], log="postfix")
+    wait_tcp(lab, smtp, proc=proc)
+    dove = base / "dovecot"
+    dove.mkdir(exist_ok=True)
+    (dove / "dovecot.conf").write_text(
+        f"""base_dir = {dove}/run
+state_dir = {dove}/state
+log_path = /dev/stderr
+protocols = imap
+listen = {SERVER_ADDR}
+ssl = required
+ssl_cert = <{pki.chain}
+ssl_key = <{pki.key}
+disable_plaintext_auth = yes
+auth_mechanisms = plain
+default_internal_user = dovecot
+default_login_user = dovenull
+first_valid_uid = 8
+passdb {{
+  driver = static
+  args = password=labpass
+}}
+userdb {{
+  driver = static
+  args = uid=8 gid=8 home={box}
+}}
+mail_location = maildir:{box}
+service imap-login {{
+  inet_listener imap {{
+    port = 0
+  }}
+  inet_listener imaps {{
+    port = {imaps}
+    ssl = yes
+  }}
+}}
+"""
+    )
+    proc = lab.popen(lab.server, ["dovecot", "-F", "-c", str(dove / "dovecot.conf")], log="dovecot")
+    wait_tcp(lab, imaps, proc=proc)
+    ctx.shared["mail"] = (smtp, imaps, smtps)
+    return smtp, imaps, smtps
+
+
+class Smtp(App):
+    """Mail submission with swaks over SMTP + STARTTLS (required by the server), with an
+    attachment of random size."""
+
+    label = "email"
+    name = "smtp-starttls"
+    programs = ("postfix", "dovecot", "swaks")
+    plaintext_start = True  # greeting, EHLO and STARTTLS before TLS
+    implicit = False
+
+    def start(self, ctx: RunContext) -> None:
+        _start_mail(ctx)
+
+    def params(self, rng: random.Random, seconds: float) -> dict:
+        return {
+            "attachment_kb": round(
+                rng.choice([1, 4, 16, 64, 256, 1024]) * rng.uniform(0.5, 1.5), 1
+            ),
+            "body_chars": rng.randint(50, 5000),
+            "seed": rng.randrange(1 << 30),
+        }
+
+    def session(self, ctx: RunContext, client: Client, params: dict) -> int:
+        smtp, _, smtps = ctx.shared["mail"]
+        rng = random.Random(params["seed"])
+        work = ctx.workdir(f"client-{client.index}")
+        attach, body = work / "attachment.bin", work / "body.txt"
+        attach.write_bytes(rng.randbytes(int(params["attachment_kb"] * 1024)))
+        body.write_text(_text(rng, params["body_chars"]))
+        argv = [
+            "swaks", "--server", SERVER_ADDR, "--port", str(smtps if self.implicit else smtp),
+            "--helo", f"client{client.index}.{DOMAIN}", "--from", f"user{client.index}@{DOMAIN}",
+            "--to", f"box@{DOMAIN}", "--tlsc" if self.implicit else "--tls", "--tls-verify",
+            "--tls-ca-path", str(ctx.pki.ca), "--body", f"@{body}", "--attach", f"@{attach}",
+            "--suppress-data", "--timeout", "30",
+        ]  # fmt: skip
+        return _client(ctx, client, argv, params)
+
+
+class Smtps(Smtp):
+    """The same submission over implicit TLS (port 465): nothing in plaintext."""
+
+    name = "smtps"
+    plaintext_start = False
+    implicit = True
+
+
+class Imaps(App):
+    """A mail client over IMAPS (implicit TLS, port 993): append, read and delete messages."""
+
+    label = "email"
+    name = "imaps"
+    programs = ("postfix", "dovecot")
+
+    def start(self, ctx: RunContext) -> None:
+        _start_mail(ctx)
+
+    def params(self, rng: random.Random, seconds: float) -> dict:
+        return {
+            "append": rng.randint(0, 3),
+            "size_kb": rng.choice([1, 8, 64, 256]),
+            "fetch": rng.randint(1, 6),
+            "think": round(seconds / 8 * rng.uniform(0.5, 1.5), 2),
+            "seed": rng.randrange(1 << 30),
+        }
+
+    def session(self, ctx: RunContext, client: Client, params: dict) -> int:
+        _, imaps, _ = ctx.shared["mail"]
+        argv = [
+            sys.executable, str(HERE / "imap_client.py"), f"--host={SERVER_ADDR}", f"--port={imaps}",
+            f"--ca={ctx.pki.ca}", f"--user=user{client.index}", "--password=labpass",
+            f"--append={params['append']}", f"--size-kb={params['size_kb']}",
+            f"--fetch={params['fetch']}", f"--think={params['think']}", f"--seed={params['seed']}",
+        ]  # fmt: skip
+        return _client(ctx, client, argv, params)
