@@ -113,6 +113,16 @@ def confusion_matrix(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] |
         n_classes, n_classes)
 
 
+def macro_f1(confusion: np.ndarray) -> float:
+    """Mean F1 over the classes that occur in the truth or the predictions (rows: true class,
+    columns: predicted), as sklearn's f1_score(average="macro") computes it."""
+    cm = np.asarray(confusion, np.float64)
+    tp = np.diag(cm)
+    f1 = _ratio(2 * tp, cm.sum(1) + cm.sum(0))
+    present = ~np.isnan(f1)
+    return float(f1[present].mean()) if present.any() else 0.0
+
+
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     """num / den element-wise, NaN where den == 0 (an undefined rate, not a zero one)."""
     out = np.full(num.shape, np.nan)
@@ -154,13 +164,12 @@ def metrics(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarr
     w = support / n  # w_c = N_c / N; zero for classes with no flows
     tpr_w = np.nan_to_num(tpr, nan=0.0)  # NaN only where w == 0
     fpr_w = np.nan_to_num(fpr, nan=0.0)  # NaN with w > 0 only when one class holds every flow
-    present = ~np.isnan(f1)
 
     return {
         "n_flows": n,
         "n_dropped": int(n_dropped),
         "accuracy": float(tp.sum() / n),
-        "macro_f1": float(f1[present].mean()),
+        "macro_f1": macro_f1(cm),
         "tpr": float(np.sum(w * tpr_w)),
         "fpr": float(np.sum(w * fpr_w)),
         "ftf": float(np.sum(w * tpr_w / (1.0 + fpr_w))),
