@@ -1,16 +1,18 @@
 """Event records as Suricata-EVE-shaped dicts: `flow`, `classification` and `stats`.
 
 Every line starts with the EVE header (timestamp, event_type, flow_id, src_ip, src_port,
-dest_ip, dest_port, proto) and then one object named after the event type. Addresses here are
-the real ones: masking only ever applies to what the model sees.
+dest_ip, dest_port, proto, community_id) and then one object named after the event type.
+Addresses here are the real ones: masking only ever applies to what the model sees.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
 import socket
+import struct
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -60,12 +62,42 @@ class Anonymizer:
         return "anon-" + hmac.new(self.key, ip.encode(), hashlib.sha256).hexdigest()[:16]
 
 
+def community_id(saddr: bytes, daddr: bytes, proto: int, sport: int | None = None,
+                 dport: int | None = None, seed: int = 0) -> str:
+    """Community ID v1 of a flow (github.com/corelight/community-id-spec): the string Suricata
+    and Zeek log for the same flow, so their records and ours join on it.
+
+    saddr/daddr: packed addresses (4 or 16 bytes). sport/dport: TCP/UDP/SCTP ports, None for a
+    protocol without ports. The endpoints are ordered (smaller address, then port, first), so
+    both directions give the same ID. ICMP would need the spec's type/code mapping; flagd meters
+    TCP and UDP only, so it is refused rather than hashed wrongly.
+    """
+    if proto in (1, 58):
+        raise ValueError("community_id: ICMP/ICMPv6 need the type/code mapping, not implemented")
+    if not 0 <= seed <= 0xFFFF:
+        raise ValueError(f"community_id: seed {seed} is not a 16-bit value")
+    ports = sport is not None and dport is not None
+    if (daddr, dport if ports else 0) < (saddr, sport if ports else 0):
+        saddr, daddr, sport, dport = daddr, saddr, dport, sport
+    # seed, addresses, protocol and one pad byte, then the ports: all in network byte order
+    data = struct.pack("!H", seed) + saddr + daddr + struct.pack("!BB", proto, 0)
+    if ports:
+        data += struct.pack("!HH", sport, dport)
+    return "1:" + base64.b64encode(hashlib.sha1(data, usedforsecurity=False).digest()).decode()
+
+
 @dataclass(frozen=True, slots=True)
 class EventHeader:
     """Fields every event carries beyond the EVE header itself."""
 
     sensor: str | None = None
     anonymize: Anonymizer | None = None
+    community_id_seed: int = 0  # flagd.toml's community_id_seed: must match Suricata's/Zeek's
+
+    def __post_init__(self) -> None:
+        seed = self.community_id_seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 0xFFFF:
+            raise ValueError(f"community_id_seed must be an integer 0-65535, not {seed!r}")
 
 
 def _header(ts: float, event_type: str, f: Flow, h: EventHeader) -> dict:
@@ -82,6 +114,12 @@ def _header(ts: float, event_type: str, f: Flow, h: EventHeader) -> dict:
         "dest_port": f.server_port,
         "proto": PROTO_NAMES.get(f.proto, str(f.proto)),
     }
+    if not h.anonymize:
+        # Left out of anonymized events: an unkeyed hash of the real addresses would let anyone
+        # confirm a guessed address pair, which is what the pseudonyms are there to prevent.
+        n = 4 if f.version == 4 else 16
+        ev["community_id"] = community_id(f.client[:n], f.server[:n], f.proto, f.client_port,
+                                          f.server_port, h.community_id_seed)
     if h.sensor:
         ev["sensor"] = h.sensor
     return ev
