@@ -45,6 +45,7 @@ class RunConfig:
     sensor: str | None = None  # None = this host's name
     anonymize: bool = False
     anonymize_key: str | None = None  # required with anonymize: the HMAC key for pseudonyms
+    community_id_seed: int = 0  # Community ID v1 seed; must match Suricata's/Zeek's to join on it
 
     @classmethod
     def load(cls, path: Path | None, **overrides) -> RunConfig:
@@ -69,6 +70,7 @@ class RunConfig:
         header = EventHeader(
             sensor=self.sensor or socket.gethostname(),
             anonymize=Anonymizer(self.anonymize_key.encode()) if self.anonymize else None,
+            community_id_seed=self.community_id_seed,
         )
         flows = replace(flows, idle_timeout=self.idle_timeout, active_timeout=self.active_timeout,
                         max_flows=self.max_flows)
