@@ -510,6 +510,43 @@ def test_validation_rejects_bad_sessions():
     assert "payload bytes" in validate(0, session_stats(tiny), Rules(min_payload=100))
 
 
+def test_session_flows_are_the_flow_meters():
+    """A session's flows are `flows.flow_keys` flows: both directions of a 5-tuple are one flow,
+    listed in order of first appearance, keyed from their first packet; IPv6 flows keep their
+    whole addresses (and still fail validation as outside the lab)."""
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.inet6 import IPv6
+    from scapy.packet import Raw
+
+    from flagd.flows import flow_keys
+    from flagd.packets import Skip
+
+    second = frames_of(random_payloads(6), sport=40001)
+    first = frames_of(random_payloads(4), sport=40000)
+    v6 = [
+        crafted.ether(IPv6(src="2001:db8::1", dst="2001:db8::2") / UDP(sport=5000, dport=6000) / Raw(b"x" * 50))
+    ]
+    arp_like = [crafted.ether(IP(src="192.0.2.2", dst="203.0.113.2", proto=50) / Raw(b"esp" * 20))]
+    extra = Frames.from_records(
+        [(2000.0 + k, f, len(f), 1) for k, f in enumerate([*v6, *arp_like])]
+    )
+    frames = Frames.concat([second, first, extra])
+    stats = session_stats(frames)
+    pk = decode(frames)
+    keys, _ = flow_keys(pk, np.flatnonzero(pk.skip == Skip.OK))
+    assert len(stats.flows) == len(set(keys)) == 3
+    a, b, c = stats.flows
+    assert (a.sport, a.packets, b.sport, b.packets) == (40001, 6, 40000, 4)
+    assert (a.src, a.dst, a.dport) == ("192.0.2.2", "203.0.113.2", 443)
+    assert (c.proto, c.src, c.dst, c.sport, c.packets, c.payload) == (
+        17, "2001:db8::1", "2001:db8::2", 5000, 1, 50
+    )
+    assert stats.packets == 12  # the ESP packet is counted, but is no flow
+    assert stats.foreign == ["ipv6"]
+    kept = keep_first(frames, 2)
+    assert len(kept) == 2 + 2 + 1 + 1  # two of each TCP flow, the UDP flow, the ESP packet
+
+
 def test_pcap_round_trip(tmp_path):
     frames = frames_of(random_payloads(7, 90))
     frames.ts[:] = 1_700_000_000.123456789 + np.arange(7)

@@ -2,7 +2,8 @@
 
 A `Recorder` captures one client link (inside the client's namespace) on a background thread for
 the length of one session. The frames then go through `session_stats` (per-flow packet and byte
-counts over everything seen, computed before anything is cut), `validate` (is this a real,
+counts over everything seen, computed before anything is cut; a flow is the flow meter's own,
+`flows.flow_keys` over `packets.decode`, so the lab labels exactly the flows the daemon meters), `validate` (is this a real,
 encrypted, lab-only session worth a label?) and `keep_first` (at most N packets per flow on disk:
 shaped bulk transfers would otherwise fill the disk with payload no model looks at), and are
 written with `write_pcap` (classic pcap, nanosecond timestamps; ~15 lines of struct).
@@ -20,9 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from flagd.capture import CaptureStats, open_capture
+from flagd.events import ip_text
+from flagd.flows import flow_keys
 from flagd.frames import Frames
 from flagd.lab.topology import LAB_NETS, in_netns
-from flagd.packets import Skip, decode
+from flagd.packets import Packets, Skip, decode
 
 PCAP_MAGIC_NS = 0xA1B23C4D  # classic pcap, nanosecond timestamps
 PCAP_SNAPLEN = 262144
@@ -129,28 +132,49 @@ class SessionStats:
         return asdict(self)
 
 
-def _flow_ids(pk) -> tuple[np.ndarray, list[tuple]]:
-    """A flow id per packet (-1 for non TCP/UDP) and the key of each id, direction-independent."""
-    ok = pk.skip == Skip.OK
+def flow_ids(pk: Packets) -> tuple[np.ndarray, np.ndarray]:
+    """A flow id per packet (-1 where the flow meter makes no flow: not a usable TCP/UDP packet)
+    and, per id, the row of the flow's first packet. Flows are the flow meter's own
+    (`flows.flow_keys`: direction-independent, IPv4 and IPv6), numbered in order of appearance."""
     ids = np.full(len(pk), -1, np.int64)
-    keys: dict[tuple, int] = {}
-    first: list[tuple] = []
-    for i in np.flatnonzero(ok).tolist():
-        a = (bytes(pk.src[i, :4]), int(pk.sport[i]))
-        b = (bytes(pk.dst[i, :4]), int(pk.dport[i]))
-        key = (int(pk.proto[i]), *sorted((a, b)))
-        fid = keys.get(key)
-        if fid is None:
-            fid = keys[key] = len(first)
-            first.append((int(pk.proto[i]), a, b))
-        ids[i] = fid
-    return ids, first
+    rows = np.flatnonzero(pk.skip == Skip.OK)
+    if not len(rows):
+        return ids, np.zeros(0, np.int64)
+    keys, _ = flow_keys(pk, rows)
+    _, first, inverse = np.unique(
+        np.array(keys, dtype="S38"), return_index=True, return_inverse=True
+    )
+    order = np.argsort(first)  # np.unique numbers keys in sorted order; we want first-seen
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    ids[rows] = rank[inverse.ravel()]
+    return ids, rows[first[order]]
+
+
+def _payload_entropy(frames: Frames, pk: Packets, ids: np.ndarray) -> float:
+    """Shannon entropy (bits per byte) of every TCP/UDP payload byte of the flows in `ids`.
+    One byte mask over the shared buffer: +1 where a payload starts, -1 where it ends."""
+    sel = np.flatnonzero(ids >= 0)
+    start = pk.l4_off[sel] + pk.l4_hdr_len[sel].astype(np.int64)
+    end = frames.offset[sel].astype(np.int64) + frames.caplen[sel]
+    has = end > start
+    # int8 is enough (payloads never overlap, so the running sum is 0 or 1) and keeps the mask
+    # the size of the capture itself
+    edge = np.zeros(len(frames.data) + 1, np.int8)
+    np.add.at(edge, start[has], 1)
+    np.add.at(edge, end[has], -1)
+    hist = np.bincount(frames.data[np.cumsum(edge[:-1], dtype=np.int8) > 0], minlength=256)
+    total = int(hist.sum())
+    if not total:
+        return 0.0
+    p = hist[hist > 0] / total
+    return float(-(p * np.log2(p)).sum())
 
 
 def session_stats(frames: Frames) -> SessionStats:
     """Counts, per-flow totals, payload entropy and non-lab addresses of a session capture."""
     pk = decode(frames)
-    ids, first = _flow_ids(pk)
+    ids, first = flow_ids(pk)
     ip = pk.version == 4
     addrs = {bytes(a[:4]) for a in np.concatenate([pk.src[ip], pk.dst[ip]])}
     foreign = sorted(
@@ -159,33 +183,31 @@ def session_stats(frames: Frames) -> SessionStats:
         if not any(ipaddress.ip_address(a) in net for net in LAB_NETS)
     )
     foreign += ["ipv6"] if np.any(pk.version == 6) else []
-    hist = np.zeros(256, np.int64)
-    data = frames.data
-    for i in np.flatnonzero(ids >= 0).tolist():
-        start = int(pk.l4_off[i]) + int(pk.l4_hdr_len[i])
-        end = int(frames.offset[i]) + int(frames.caplen[i])
-        if end > start:
-            hist += np.bincount(data[start:end], minlength=256)
-    total = int(hist.sum())
-    p = hist[hist > 0] / max(total, 1)
-    entropy = float(-(p * np.log2(p)).sum()) if total else 0.0
-    flows = []
-    for fid, (proto, a, b) in enumerate(first):
-        sel = ids == fid
-        flows.append(
-            FlowStat(
-                proto,
-                str(ipaddress.ip_address(a[0])),
-                a[1],
-                str(ipaddress.ip_address(b[0])),
-                b[1],
-                int(sel.sum()),
-                int(pk.wirelen[sel].sum()),
-                int(pk.payload_len[sel].sum()),
-            )
+    sel = ids >= 0
+    n = len(first)
+    packets = np.bincount(ids[sel], minlength=n)
+    wire = np.bincount(ids[sel], weights=pk.wirelen[sel], minlength=n)
+    payload = np.bincount(ids[sel], weights=pk.payload_len[sel], minlength=n)
+    flows = [
+        FlowStat(
+            int(pk.proto[i]),
+            ip_text(pk.src[i].tobytes(), int(pk.version[i])),
+            int(pk.sport[i]),
+            ip_text(pk.dst[i].tobytes(), int(pk.version[i])),
+            int(pk.dport[i]),
+            int(packets[k]),
+            int(wire[k]),
+            int(payload[k]),
         )
+        for k, i in enumerate(first.tolist())
+    ]
     return SessionStats(
-        len(frames), int(frames.wirelen.sum()), int(ip.sum()), foreign, entropy, flows
+        len(frames),
+        int(frames.wirelen.sum()),
+        int(ip.sum()),
+        foreign,
+        _payload_entropy(frames, pk, ids),
+        flows,
     )
 
 
@@ -228,11 +250,12 @@ def keep_first(frames: Frames, per_flow: int) -> Frames:
     """The frames with at most `per_flow` packets of each flow (non TCP/UDP frames all kept)."""
     if per_flow <= 0 or not len(frames):
         return frames
-    ids, _ = _flow_ids(decode(frames))
+    ids, _ = flow_ids(decode(frames))
+    sel = np.flatnonzero(ids >= 0)
+    order = np.argsort(ids[sel], kind="stable")  # each flow's packets together, in time order
+    grouped = ids[sel][order]
+    starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]])
+    rank = np.arange(len(grouped)) - np.repeat(starts, np.diff(np.r_[starts, len(grouped)]))
     keep = np.ones(len(frames), bool)
-    seen: dict[int, int] = {}
-    for i in np.flatnonzero(ids >= 0).tolist():
-        n = seen.get(int(ids[i]), 0)
-        keep[i] = n < per_flow
-        seen[int(ids[i])] = n + 1
+    keep[sel[order]] = rank < per_flow
     return frames if keep.all() else select(frames, np.flatnonzero(keep))
