@@ -31,8 +31,9 @@ from machine import machine  # noqa: E402  (benchmarks/machine.py, beside this s
 
 from flagd.frames import LINKTYPE_ETHERNET  # noqa: E402
 from flagd.infer import Bundle, default_model  # noqa: E402
-from flagd.pipeline import FileSource, Pipeline, PipelineSettings  # noqa: E402
+from flagd.pipeline import Pipeline, PipelineSettings  # noqa: E402
 from flagd.sinks import RecentEvents  # noqa: E402
+from flagd.source import FileSource  # noqa: E402
 from tests import crafted  # noqa: E402
 
 

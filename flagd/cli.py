@@ -105,31 +105,39 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML con
 
 
 def _serve(cfg, model: str | None, no_model: bool, open_source) -> None:
-    """Load the model, open the source with the flow settings the model needs, run to the end."""
+    """Load the model, open the source with the flow settings the model needs, run to the end.
+
+    `open_source(settings, notice)` builds the source; `notice` is the daemon's operator-notice
+    callback (stderr and the dashboard), given at construction."""
     from flagd.capture import CaptureError
-    from flagd.daemon import serve, steady_malloc
+    from flagd.daemon import Notices, serve, steady_malloc
     from flagd.flows import FlowSettings
     from flagd.packets import DecodeError
     from flagd.privileges import PrivilegeError
+    from flagd.source import FileSource
 
     steady_malloc()
     bundle = _load_model(model or cfg.model, no_model, cfg.top_k)  # fail before capturing
+    notices = Notices()
     try:
         settings = cfg.pipeline_settings(bundle.settings if bundle else FlowSettings())
-        source = open_source(settings)
-        pipe = serve(source, bundle, cfg, settings, user=cfg.user)
+        source = open_source(settings, notices)
+        pipe = serve(source, bundle, cfg, settings, notices, user=cfg.user)
     except (OSError, ValueError, CaptureError, DecodeError, PrivilegeError) as e:
         raise fail(str(e)) from None
-    problem = source.problem()
-    if problem:  # e.g. a file cut short: what was read was processed, and we say so
-        typer.echo(f"flagd: warning: {problem}", err=True)
+    if pipe.counters.stage_error:  # a stage raised: the run stopped early, with a final stats event
+        raise fail(f"stopped: {pipe.counters.stage_error}")
     if pipe.counters.capture_error:
         raise fail(f"{source.name}: {pipe.counters.capture_error}")
+    if isinstance(source, FileSource) and source.report.failed:
+        # Each was named with its reason as it was skipped; the rest were replayed.
+        n, total = len(source.report.failed), len(source.paths)
+        raise fail(f"{n} of {total} capture{'s' if total > 1 else ''} could not be read")
 
 
 @app.command()
 def replay(
-    capture: Annotated[Path, typer.Argument(help="pcap or pcapng file.")],
+    captures: Annotated[list[Path], typer.Argument(help="pcap/pcapng files, or directories of them (.pcap, .pcapng, .cap, in name order), replayed one after the other.")],
     log: LogOpt = None,
     model: ModelOpt = None,
     no_model: NoModelOpt = False,
@@ -141,9 +149,11 @@ def replay(
     stats_interval: Annotated[float | None, typer.Option(help="Seconds between stats events (0: only the final one).")] = None,
     anonymize: Annotated[bool | None, typer.Option("--anonymize/--no-anonymize", help="Keyed-hash pseudonyms instead of addresses in events (key: anonymize_key in the config file).")] = None,
 ) -> None:
-    """Run the classification pipeline on a capture file and write its events."""
+    """Run the classification pipeline on capture files and write their events (one log, one
+    final stats event). An unreadable file is named with its reason and skipped; the exit
+    status is then 1."""
     from flagd.daemon import RunConfig
-    from flagd.pipeline import FileSource
+    from flagd.source import FileSource, expand_captures
 
     pace = _speed(speed)
     try:
@@ -152,7 +162,9 @@ def replay(
                              anonymize=anonymize)
     except ValueError as e:
         raise fail(str(e)) from None
-    _serve(cfg, model, no_model, lambda settings: FileSource(str(capture), pace))
+    if not expand_captures(captures):
+        raise fail(f"no capture files (.pcap, .pcapng, .cap) in {', '.join(map(str, captures))}")
+    _serve(cfg, model, no_model, lambda settings, notice: FileSource(captures, pace, notice))
 
 
 @app.command()
@@ -178,8 +190,7 @@ def run(
     forbid_new_privileges()  # first: the flag reaches only threads started after it (numpy's, torch's)
     from flagd.capture import open_capture
     from flagd.daemon import RunConfig
-    from flagd.fanout import FanoutSource
-    from flagd.pipeline import LiveSource
+    from flagd.source import FanoutSource, LiveSource
 
     try:
         cfg = RunConfig.load(config, iface=iface, log=log, bpf=bpf, promisc=promisc, user=user,
@@ -191,15 +202,15 @@ def run(
     if not cfg.iface:
         raise fail("no interface: give --iface NAME (or iface in the config file)", Exit.USAGE)
 
-    def open_source(settings):
+    def open_source(settings, notice):
         if cfg.workers > 1:
             if not no_model:  # inference gets the cores the capture processes leave
                 import torch
 
                 torch.set_num_threads(max(1, (os.cpu_count() or 1) - cfg.workers))
             return FanoutSource(cfg.iface, cfg.workers, settings.flows, bpf=cfg.bpf,
-                                promisc=cfg.promisc, user=cfg.user)
-        return LiveSource(open_capture(cfg.iface, bpf=cfg.bpf, promisc=cfg.promisc))
+                                promisc=cfg.promisc, user=cfg.user, notice=notice)
+        return LiveSource(open_capture(cfg.iface, bpf=cfg.bpf, promisc=cfg.promisc), notice)
 
     _serve(cfg, model, no_model, open_source)
 
@@ -437,18 +448,19 @@ def evaluate_cmd(
                 sets.append(build([p], bundle.settings, labeller(labels)))
     except DatasetError as e:
         raise fail(str(e)) from None
-    flows, y, dropped = [], [], 0
+    flows, sides, y, dropped = [], [], [], 0
     for ds in sets:
         unknown = set(ds.classes) - set(bundle.labels)
         if unknown:
             raise fail(f"classes the model does not know: {', '.join(sorted(unknown))}")
         index = [bundle.labels.index(c) for c in ds.classes]
         flows += ds.flows
+        sides += ds.sides
         y += [index[i] for i in ds.labels]
         dropped += sum(ds.stats.get("dropped", {}).values())
     if not flows:
         raise fail("no flow with a relevant packet in the data")
-    pred = bundle.predict_flows(flows)
+    pred = bundle.predict_flows(flows, sides)
     report = evaluate.metrics(y, pred, bundle.labels, n_dropped=dropped)
     Console().print(evaluate.render_table(report))
     if json_out:

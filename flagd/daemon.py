@@ -6,19 +6,22 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import socket
 import sys
 import threading
 import time
 import tomllib
+from collections import deque
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from flagd.events import Anonymizer, EventHeader
 from flagd.flows import FlowSettings
-from flagd.pipeline import Classifier, Pipeline, PipelineSettings, Source
+from flagd.pipeline import Classifier, Pipeline, PipelineSettings
 from flagd.sinks import JsonlSink, RecentEvents
+from flagd.source import Source
 
 DEFAULT_CONFIG = Path("/etc/flagd/flagd.toml")
 
@@ -98,11 +101,29 @@ def steady_malloc() -> None:
         pass
 
 
+class Notices:
+    """Operator notices (link changes, skipped captures, restarted capture processes): each is
+    printed on stderr at once and the latest are kept for the dashboard. Sources get this
+    callback when they are built."""
+
+    def __init__(self, keep: int = 50) -> None:
+        self.recent: deque[str] = deque(maxlen=keep)
+
+    def __call__(self, msg: str) -> None:
+        self.recent.append(f"{time.strftime('%H:%M:%S')} {msg}")
+        print(f"flagd: {msg}", file=sys.stderr, flush=True)
+
+
 def serve(source: Source, classifier: Classifier | None, cfg: RunConfig,
-          settings: PipelineSettings, user: str | None = None) -> Pipeline:
-    """Run the pipeline to its end (source exhausted, or SIGINT/SIGTERM); returns it."""
+          settings: PipelineSettings, notices: Notices | None = None,
+          user: str | None = None) -> Pipeline:
+    """Run the pipeline to its end (source exhausted, SIGINT/SIGTERM, or a failed stage).
+
+    A first SIGINT/SIGTERM stops capture and shuts down in order; a second one exits at once.
+    """
     from flagd.privileges import drop_privileges
 
+    notices = notices or Notices()
     pipe = Pipeline(source, classifier, [], settings)
     # Signals first: logrotate may send SIGHUP the moment the log exists.
     old = _install_signals(pipe)
@@ -113,14 +134,6 @@ def serve(source: Source, classifier: Classifier | None, cfg: RunConfig,
         raise
     recent = RecentEvents()
     pipe.sinks += [log, recent]
-    notices: list[str] = []
-
-    def notice(msg: str) -> None:
-        notices.append(f"{time.strftime('%H:%M:%S')} {msg}")
-        print(f"flagd: {msg}", file=sys.stderr)
-
-    if hasattr(source, "notice"):
-        source.notice = notice
     dashboard = cfg.dashboard if cfg.dashboard is not None else (sys.stdout.isatty() and cfg.log != "-")
     try:
         if user:
@@ -130,7 +143,9 @@ def serve(source: Source, classifier: Classifier | None, cfg: RunConfig,
             import rich.live  # noqa: F401
 
             import flagd.dashboard  # noqa: F401
-            drop_privileges(user)  # the socket and the log are open: nothing else needs root
+            # The socket and the log are open: nothing else needs root. From root, setuid
+            # takes every capability from every thread (glibc applies it to all of them).
+            drop_privileges(user)
         if dashboard:
             _with_dashboard(pipe, source, classifier, recent, notices)
         else:
@@ -150,8 +165,15 @@ def _restore_signals(old: dict) -> None:
 def _install_signals(pipe: Pipeline) -> dict:
     if threading.current_thread() is not threading.main_thread():
         return {}
+    stopping = []
 
     def stop(signum, frame):
+        if stopping:
+            # The operator asked twice: do not wait for the orderly shutdown. Every event line
+            # went out in one write(), so the log holds whole lines only.
+            os.write(2, b"flagd: second signal: exiting now, without the final stats\n")
+            os._exit(128 + signum)
+        stopping.append(signum)
         pipe.stop.set()
 
     def hup(signum, frame):
@@ -165,7 +187,7 @@ def _install_signals(pipe: Pipeline) -> dict:
 
 
 def _with_dashboard(pipe: Pipeline, source: Source, classifier, recent: RecentEvents,
-                    notices: list[str]) -> None:
+                    notices: Notices) -> None:
     from rich.live import Live
 
     from flagd.dashboard import Snapshot, render
@@ -175,7 +197,7 @@ def _with_dashboard(pipe: Pipeline, source: Source, classifier, recent: RecentEv
 
     def snapshot() -> Snapshot:
         return Snapshot(source.name, model, pipe.stats(), dict(recent.classes),
-                        list(recent.recent), list(notices))
+                        list(recent.recent), list(notices.recent))
 
     with Live(render(snapshot()), refresh_per_second=4, screen=False) as live:
         def tick(p: Pipeline) -> None:

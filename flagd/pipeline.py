@@ -1,14 +1,22 @@
 """Threads and bounded queues: source -> flows -> batcher -> worker -> events -> sinks.
 
-    capture thread   frames from the source, decoded and fed to the flow table
+    capture thread   batches from the source: frames are decoded and fed to the flow table,
+                     flow updates metered by the source (fanout) are handed on as they are
     batcher thread   tokenizes flows as they become ready (or end before that), batches them
     worker thread    runs the classifier on each batch
     main thread      turns flow ends and predictions into events, writes the sinks, emits
-                     stats, renders the dashboard, and handles signals
+                     stats, renders the dashboard
 
-`replay` and `run` differ only in the source and in what a full queue does: a file source waits
-(nothing is lost), a live source never blocks capture: a full queue drops and counts.
-Shutdown runs in order: stop capture -> end all flows -> drain -> flush sinks -> join.
+Sources live in `flagd.source`; this module only wires them to the stages. `replay` and `run`
+differ only in the source and in what a full queue does: a file source waits (nothing is lost),
+a live source never blocks capture: a full queue drops and counts.
+
+Shutdown runs in order: stop capture -> end all flows -> drain -> flush sinks -> join. Open
+flows are still classified for `shutdown_grace` seconds after the stop; what is left then is
+shed (flow event `unclassified: "shed"`, counted in `drops.shutdown_shed`), so a stop with a
+million open flows ends in seconds. Every stage's loop ends in a `finally` that tells the next
+stage it is done: a stage that raises stops the whole pipeline with its error
+(`Counters.stage_error`) and never leaves another stage waiting.
 """
 
 from __future__ import annotations
@@ -17,29 +25,20 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from flagd.events import EventHeader, Prediction, classification_event, flow_event, stats_event
+from flagd.events import EventHeader, classification_event, flow_event, stats_event
 from flagd.flows import END, READY, Flow, FlowSettings, FlowTable, FlowUpdate
-from flagd.frames import Frames
 from flagd.packets import decode
 from flagd.sinks import Sink
+from flagd.source import FlowBatch, MeterSnapshot, Source
 
-
-class Source(Protocol):
-    """Where frames come from. A live source yields empty batches when the link is quiet; every
-    source ends its batches once `stop` is set (a live one after what the kernel still holds)."""
-
-    name: str
-    live: bool
-
-    def batches(self, stop: threading.Event) -> Iterator[Frames]: ...
-    def kernel_drops(self) -> int: ...
-    def close(self) -> None: ...
+if TYPE_CHECKING:  # only in annotations: the pipeline itself never needs torch's module
+    from flagd.events import Prediction
 
 
 class Classifier(Protocol):
@@ -63,15 +62,20 @@ class PipelineSettings:
     stats_interval: float = 10.0  # seconds between stats events (0: only the final one)
     header: EventHeader = field(default_factory=EventHeader)
     tick_interval: float = 1.0  # live sources: wall-clock tick of the flow table
+    # Seconds after a stop during which ending flows are still classified; after that they are
+    # shed. A replay stopped with 262,144 open flows took minutes to classify them all.
+    shutdown_grace: float = 3.0
 
 
 @dataclass(slots=True)
 class Counters:
     capture_queue_drops: int = 0  # flow updates lost because the batcher fell behind
     batch_queue_drops: int = 0  # flows shed because the worker fell behind
+    shutdown_shed: int = 0  # flows shed because the shutdown grace ran out
     classified: int = 0
     batches: int = 0
-    capture_error: str | None = None
+    capture_error: str | None = None  # the source failed: capture ended early, cleanly
+    stage_error: str | None = None  # a stage raised: "worker: ValueError: ..."; the run stopped
 
 
 _DONE = object()
@@ -90,6 +94,10 @@ class Pipeline:
         self.counters = Counters()
         self.stop = threading.Event()
         self.reopen = threading.Event()  # set by SIGHUP
+        self._failed = threading.Event()  # a stage raised: blocking puts give up
+        self._deadline: float | None = None  # monotonic time from which open flows are shed
+        self._meter: MeterSnapshot | None = None  # the source's own metering (fanout), if any
+        self._kernel_drops = 0  # last value read from the source
         self.lossless = not source.live
         self.flow_q: queue.Queue = queue.Queue(self.s.flow_queue)
         self.batch_q: queue.Queue = queue.Queue(self.s.batch_queue)
@@ -105,112 +113,156 @@ class Pipeline:
         self._ready_at: dict[int, float] = {}
         self._samples: deque[tuple[float, int, int]] = deque()
 
+    # --- helpers shared by the stages ---------------------------------------------------------
+    def _fail(self, stage: str, e: BaseException) -> None:
+        """A stage raised: remember the first error and stop everything."""
+        if self.counters.stage_error is None:
+            self.counters.stage_error = f"{stage}: {type(e).__name__}: {e}"
+        self._failed.set()
+        self.stop.set()
+
+    def _put(self, q: queue.Queue, item: object) -> bool:
+        """A blocking put that gives up (False) once a stage has failed: the stage that would
+        take the item may be gone, and waiting for it would freeze the pipeline."""
+        while True:
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                if self._failed.is_set():
+                    return False
+
+    def _shedding(self) -> bool:
+        return self._deadline is not None and time.monotonic() >= self._deadline
+
     # --- capture thread -------------------------------------------------------------------
     def _capture(self) -> None:
-        if hasattr(self.source, "flow_updates"):  # capture processes meter flows themselves
-            try:
-                for updates in self.source.flow_updates(self.stop):
-                    self._hand_on(updates)
-            except Exception as e:
-                self.counters.capture_error = f"{type(e).__name__}: {e}"
-            finally:
-                self.flow_q.put(_DONE)
-            return
-        table, tick = self.table, self.s.tick_interval
+        table, tick, live = self.table, self.s.tick_interval, self.source.live
         next_tick = time.monotonic() + tick
         try:
-            for frames in self.source.batches(self.stop):
-                if len(frames):
-                    self._hand_on(table.add(decode(frames)))
-                if self.source.live and time.monotonic() >= next_tick:
-                    next_tick = time.monotonic() + tick
-                    self._hand_on(table.tick(time.time()))
-        except Exception as e:  # a source failure ends the run cleanly, with its reason
-            self.counters.capture_error = f"{type(e).__name__}: {e}"
-        finally:
+            try:
+                for batch in self.source.batches(self.stop):
+                    if isinstance(batch, FlowBatch):  # metered by the source (capture processes)
+                        if batch.meter is not None:
+                            self._meter = batch.meter
+                        self._hand_on(batch.updates)
+                        continue
+                    if len(batch):
+                        self._hand_on(table.add(decode(batch)))
+                    if live and time.monotonic() >= next_tick:
+                        next_tick = time.monotonic() + tick
+                        self._hand_on(table.tick(time.time()))
+            except Exception as e:  # a source failure ends the run cleanly, with its reason
+                self.counters.capture_error = f"{type(e).__name__}: {e}"
             # Capture has stopped: the last flows may wait for the batcher, never be dropped
             # (dropping them lost 54,082 of 600,220 flow events at the end of a live soak).
             self._hand_on(table.flush(), wait=True)
-            self.flow_q.put(_DONE)
+        except BaseException as e:
+            self._fail("capture", e)
+        finally:
+            self._put(self.flow_q, _DONE)
 
     def _hand_on(self, updates: list[FlowUpdate], wait: bool = False) -> None:
         # In chunks, so flow_q is bounded in flows: one 65536-frame file batch can end 65536.
         for i in range(0, len(updates), _CHUNK):
             part = updates[i:i + _CHUNK]
             if self.lossless or wait:
-                self.flow_q.put(part)
+                if not self._put(self.flow_q, part):
+                    return  # the batcher is gone (failed): nothing downstream takes them
                 continue
             try:
                 self.flow_q.put_nowait(part)
             except queue.Full:
                 self.counters.capture_queue_drops += len(part)
+                for kind, f in part:
+                    if kind == READY:
+                        # Its READY never reaches the batcher: unmark it, so that the flow is
+                        # classified at its end instead (once: the end sees ready=False).
+                        f.ready = False
 
     # --- batcher thread -------------------------------------------------------------------
     def _batcher(self) -> None:
         pending: list[Flow] = []
-        queued: set[int] = set()  # flows sent for classification that have not ended yet
         oldest = 0.0
         delay, size = self.s.batch_delay, self.s.batch_size
         classify = self.classifier is not None
-        while True:
-            timeout = max(0.0, oldest + delay - time.monotonic()) if pending else None
-            try:
-                item = self.flow_q.get(timeout=timeout)
-            except queue.Empty:
-                item = None
-            if item is _DONE:
-                break
-            for kind, f in item or ():
-                if not classify:
+        try:
+            while True:
+                timeout = max(0.0, oldest + delay - time.monotonic()) if pending else 0.1
+                try:
+                    item = self.flow_q.get(timeout=timeout)
+                except queue.Empty:
+                    item = None
+                if item is _DONE:
+                    break
+                for kind, f in item or ():
+                    # A flow is classified once: at READY, or at its end when it never became
+                    # ready (fewer than K relevant packets, or its READY was lost to a full
+                    # queue, which unmarks it). The flow itself says which: no set to forget.
+                    if classify and (kind == READY or (not f.ready and f.relevant)):
+                        if not pending:
+                            oldest = time.monotonic()
+                        self._ready_at[f.flow_id] = time.monotonic()
+                        pending.append(f)
                     if kind == END:
                         self.event_q.put((END, f))
-                    continue
-                if kind == READY or (f.relevant and f.flow_id not in queued):
-                    # READY, or an end before K relevant packets (or whose READY was dropped):
-                    # classify what the flow has.
-                    if not pending:
-                        oldest = time.monotonic()
-                    self._ready_at[f.flow_id] = time.monotonic()
-                    queued.add(f.flow_id)
-                    pending.append(f)
-                if kind == END:
-                    queued.discard(f.flow_id)
-                    self.event_q.put((END, f))
-            if len(queued) > self._max_pending:  # ends lost to a full queue never come
-                queued.clear()
-            if pending and (len(pending) >= size or time.monotonic() - oldest >= delay):
+                if pending and (len(pending) >= size or time.monotonic() - oldest >= delay
+                                or self._shedding()):
+                    self._send(pending)
+                    pending = []
+            if pending:
                 self._send(pending)
                 pending = []
-        if pending:
-            self._send(pending)
-        if classify:
-            self.batch_q.put(_DONE)
-        self.event_q.put(_DONE)
+        except BaseException as e:
+            self._fail("batcher", e)
+            self.counters.shutdown_shed += len(pending)
+            self._shed_flows(pending)  # taken, never sent: their flow events say shed
+        finally:
+            if classify:
+                self._put(self.batch_q, _DONE)
+            self.event_q.put(_DONE)
+
+    def _shed_flows(self, flows: list[Flow]) -> None:
+        for f in flows:
+            self.event_q.put((_SHED, f))
 
     def _send(self, flows: list[Flow]) -> None:
+        if self._shedding():
+            self.counters.shutdown_shed += len(flows)
+            self._shed_flows(flows)
+            return
         ids = self.classifier.encode(flows)
         if self.lossless:
-            self.batch_q.put((flows, ids))
+            if not self._put(self.batch_q, (flows, ids)):  # the worker failed
+                self.counters.shutdown_shed += len(flows)
+                self._shed_flows(flows)
             return
         try:
             self.batch_q.put_nowait((flows, ids))
         except queue.Full:
             self.counters.batch_queue_drops += len(flows)
-            for f in flows:
-                self.event_q.put((_SHED, f))
+            self._shed_flows(flows)
 
     # --- worker thread --------------------------------------------------------------------
     def _worker(self) -> None:
-        import torch
+        try:
+            import torch
 
-        with torch.inference_mode():
-            while (item := self.batch_q.get()) is not _DONE:
-                flows, ids = item
-                preds = self.classifier.predict(ids, [len(f.packets) for f in flows])
-                self.counters.batches += 1
-                for f, p in zip(flows, preds, strict=True):
-                    self.event_q.put(("pred", f, p))
-        self.event_q.put(_DONE)
+            with torch.inference_mode():
+                while (item := self.batch_q.get()) is not _DONE:
+                    flows, ids = item
+                    if self._shedding():
+                        self.counters.shutdown_shed += len(flows)
+                        self._shed_flows(flows)
+                        continue
+                    preds = self.classifier.predict(ids, [len(f.packets) for f in flows])
+                    self.counters.batches += 1
+                    for f, p in zip(flows, preds, strict=True):
+                        self.event_q.put(("pred", f, p))
+        except BaseException as e:
+            self._fail("worker", e)
+        finally:
+            self.event_q.put(_DONE)
 
     # --- main thread: events --------------------------------------------------------------
     def _emit(self, event: dict) -> None:
@@ -242,6 +294,10 @@ class Pipeline:
             elif fid in self._shed:
                 self._shed.discard(fid)
                 self._emit(flow_event(f, None, h, unclassified=_SHED))
+            elif f.ready and fid not in self._ready_at:
+                # Its READY was handed on but never reached the batcher: the capture processes
+                # (fanout) dropped it. Not classified, and said so, never classified twice.
+                self._emit(flow_event(f, None, h, unclassified=_SHED))
             else:
                 self._waiting[fid] = f
         elif kind == _SHED:
@@ -253,10 +309,22 @@ class Pipeline:
                 if len(self._shed) > self._max_pending:  # its end was lost to a full queue
                     self._shed.clear()
 
+    def _source_kernel_drops(self) -> int:
+        try:
+            self._kernel_drops = self.source.kernel_drops()
+        except Exception:  # noqa: BLE001 - a closing source: keep the last value we read
+            pass
+        return self._kernel_drops
+
     def stats(self, final: bool = False) -> dict:
+        """A snapshot of the counters; safe from any thread, also while capture shuts down."""
         now = time.monotonic()
-        fanout = hasattr(self.source, "flow_stats")
-        fs = self.source.flow_stats() if fanout else self.table.stats
+        meter = self._meter
+        if meter is not None:  # the source meters flows (capture processes)
+            fs, open_flows, kernel, source_qd = meter.flows, meter.open, meter.kernel_drops, meter.queue_drops
+        else:
+            fs, open_flows, source_qd = self.table.stats, len(self.table), 0
+            kernel = self._source_kernel_drops()
         # Rates over the last ~10 s, whoever asks (stats events and the dashboard alike).
         samples = self._samples
         if not samples or now - samples[-1][0] >= 0.5:
@@ -269,17 +337,17 @@ class Pipeline:
         st = {
             "uptime": round(now - self.started, 3),
             "packets": fs.packets,
-            "packets_per_s": round((fs.packets - p_prev) / dt, 1),
+            "packets_per_s": round(max(0, fs.packets - p_prev) / dt, 1),
             "flows": fs.flows,
-            "flows_per_s": round((fs.flows - f_prev) / dt, 1),
-            "flows_open": self.source.open_flows() if fanout else len(self.table),
+            "flows_per_s": round(max(0, fs.flows - f_prev) / dt, 1),
+            "flows_open": open_flows,
             "classified": self.counters.classified,
             "drops": {
-                "kernel": self.source.kernel_drops(),
-                "capture_queue": self.counters.capture_queue_drops
-                + (self.source.queue_drops() if fanout else 0),
+                "kernel": kernel,
+                "capture_queue": self.counters.capture_queue_drops + source_qd,
                 "flow_table_eviction": fs.evicted,
                 "batch_queue": self.counters.batch_queue_drops,
+                "shutdown_shed": self.counters.shutdown_shed,
                 "log_write": sum(getattr(sink, "failed", 0) for sink in self.sinks),
             },
             "skipped": dict(fs.skipped),
@@ -291,14 +359,19 @@ class Pipeline:
             },
             "device": self.classifier.device if self.classifier else "none",
         }
-        if fanout:
-            st["drops"]["capture_process_loss"] = self.source.lost_flows
+        if meter is not None:
+            st["drops"]["capture_process_loss"] = meter.process_loss
         if final:
             st["final"] = True
+            error = self.counters.stage_error or self.counters.capture_error
+            if error:
+                st["error"] = error
         return st
 
     def run(self, on_tick: Callable[[Pipeline], None] | None = None) -> Counters:
-        """Run until the source ends or `stop` is set; returns the counters."""
+        """Run until the source ends, `stop` is set or a stage fails; returns the counters.
+
+        Always ends with a final stats event, whatever failed on the way."""
         threads = [threading.Thread(target=self._capture, name="flagd-capture", daemon=True),
                    threading.Thread(target=self._batcher, name="flagd-batcher", daemon=True)]
         if self.classifier is not None:
@@ -307,6 +380,7 @@ class Pipeline:
             t.start()
         producers = len(threads) - 1  # batcher and worker each end the event stream once
         next_stats = time.monotonic() + self.s.stats_interval if self.s.stats_interval else None
+        writing = True  # False once a sink or the dashboard raised: drain, write nothing more
         while producers:
             try:
                 item = self.event_q.get(timeout=0.1)
@@ -314,97 +388,33 @@ class Pipeline:
                 item = None
             if item is _DONE:
                 producers -= 1
-            elif item is not None:
-                self._on_event(item)
-            if self.reopen.is_set():
-                self.reopen.clear()
-                for sink in self.sinks:
-                    sink.reopen()
-            if next_stats is not None and time.monotonic() >= next_stats:
-                next_stats = time.monotonic() + self.s.stats_interval
-                self._emit(stats_event(time.time(), self.stats(), self.s.header.sensor))
-            if on_tick is not None:
-                on_tick(self)
+                continue
+            if self.stop.is_set() and self._deadline is None:
+                self._deadline = time.monotonic() + self.s.shutdown_grace
+            if not writing:
+                continue
+            try:
+                if item is not None:
+                    self._on_event(item)
+                if self.reopen.is_set():
+                    self.reopen.clear()
+                    for sink in self.sinks:
+                        sink.reopen()
+                if next_stats is not None and time.monotonic() >= next_stats:
+                    next_stats = time.monotonic() + self.s.stats_interval
+                    self._emit(stats_event(time.time(), self.stats(), self.s.header.sensor))
+                if on_tick is not None:
+                    on_tick(self)
+            except Exception as e:  # the stages must still end: keep taking their events
+                self._fail("events", e)
+                writing = False
         for t in threads:
             t.join()
-        for fid, f in list(self._waiting.items()):  # cannot happen once all stages drained
-            self._emit(flow_event(f, None, self.s.header, unclassified="shutdown"))
-            del self._waiting[fid]
-        self._emit(stats_event(time.time(), self.stats(final=True), self.s.header.sensor))
-        self.source.close()
-        return self.counters
-
-
-class FileSource:
-    """Frames from a capture file, as fast as possible or paced by the capture's own clock."""
-
-    live = False
-
-    def __init__(self, path: str, speed: float | None = None) -> None:
-        from flagd.pcapfile import read_capture
-
-        self.name = path
-        self.speed = speed  # None = as fast as possible; 1.0 = real time; 2.0 = twice as fast
-        # Paced replays read small batches so packets are released close to their time.
-        self.capture = read_capture(path, batch_size=65536 if speed is None else 64)
-
-    def batches(self, stop: threading.Event) -> Iterator[Frames]:
-        t0 = wall0 = None
-        for frames in self.capture:
-            if stop.is_set():
-                return
-            if self.speed is not None and len(frames):
-                if t0 is None:
-                    t0, wall0 = float(frames.ts[0]), time.monotonic()
-                due = wall0 + (float(frames.ts[-1]) - t0) / self.speed
-                if stop.wait(max(0.0, due - time.monotonic())):
-                    return
-            yield frames
-
-    def kernel_drops(self) -> int:
-        return 0
-
-    def problem(self) -> str:
-        return self.capture.stats.problem
-
-    def close(self) -> None:
-        self.capture.close()
-
-
-class LiveSource:
-    """Frames from an open live capture; reports link changes without stopping."""
-
-    live = True
-
-    def __init__(self, capture, notice: Callable[[str], None] | None = None) -> None:
-        from flagd.capture import LinkMonitor
-
-        self.capture = capture
-        self.name = capture.iface
-        self.notice = notice or (lambda msg: None)
         try:
-            self.links = LinkMonitor([capture.iface])
-        except OSError:  # no netlink (unusual sandboxes): capture still works
-            self.links = None
-
-    def batches(self, stop: threading.Event) -> Iterator[Frames]:
-        while not stop.is_set():
-            yield self.capture.read(timeout=0.1)
-            if self.links is not None:
-                for ev in self.links.poll(0):
-                    state = "removed" if ev.removed else ("up" if ev.up else f"down ({ev.operstate})")
-                    self.notice(f"link {ev.name} is {state}")
-                    if ev.removed:  # it cannot come back under this socket: stop, say why
-                        raise OSError(f"interface {ev.name} was removed")
-        yield self.capture.drain()  # the last packets, some still in the kernel's ring block
-
-    def kernel_drops(self) -> int:
-        return self.capture.stats().dropped
-
-    def problem(self) -> str:
-        return ""
-
-    def close(self) -> None:
-        if self.links is not None:
-            self.links.close()
-        self.capture.close()
+            for fid, f in list(self._waiting.items()):  # only after a failed stage
+                self._emit(flow_event(f, None, self.s.header, unclassified="shutdown"))
+                del self._waiting[fid]
+            self._emit(stats_event(time.time(), self.stats(final=True), self.s.header.sensor))
+        finally:
+            self.source.close()
+        return self.counters

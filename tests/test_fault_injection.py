@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from flagd.pipeline import FileSource, Pipeline, PipelineSettings
+from flagd.pipeline import Pipeline, PipelineSettings
 from flagd.sinks import JsonlSink, MemorySink
+from flagd.source import FileSource
 from tests import floodgen
 
 
