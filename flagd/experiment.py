@@ -1,10 +1,16 @@
-"""The paper's protocol in one call, and an honest variant beside it.
+"""The paper's protocol in one call, an honest variant and the shipped model's run beside it.
 
 Paper protocol (section 4): all flows of a class-per-directory tree, split at random per class:
 40% unlabelled for pre-training, the other 60% labelled and split 6:2:2 into train, validation
 and test. FLAG is pre-trained (on the unlabelled 40% plus the train flows, without labels) and
-fine-tuned with all train labels and with 10% of them; two baselines run on the same splits: the
-same model without pre-training, and FLAG with the bytes-only dictionary (Fig. 2's ablation).
+fine-tuned with all train labels and with 10% of them. On the same splits: the same model
+without pre-training, FLAG with the bytes-only dictionary (Fig. 2's ablation), FLAG with the
+paper's flat input where the others are packet-aware (flagd.inputs), and the strongest simple
+baseline, a random forest on the first RF_BYTES bytes of each of the first K packets.
+
+Product mode: what a shipped model is trained on. Every labelled flow but a test split: 80/10/10
+per class into train, validation (early stopping, rejection threshold) and test; pre-training on
+the train flows plus any extra unlabelled captures.
 
 Honest mode: the same runs, but (1) the dataset is rebuilt with every shortcut mask on (ports,
 sequence numbers, IP ID, TTL, checksums, TCP timestamps), and (2) the split is by source
@@ -24,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flagd import evaluate
+from flagd import evaluate, inputs
 from flagd.dataset import Dataset, build
 from flagd.flows import FlowSettings
 from flagd.infer import predict_logits, prepare_for_inference, save_bundle
@@ -35,7 +41,11 @@ from flagd.preprocess import Preprocessing
 from flagd.train import finetune, pretrain
 
 SHARES = (0.40, 0.36, 0.12, 0.12)  # unlabelled, train, validation, test (60% split 6:2:2)
+PRODUCT_SHARES = (0.0, 0.80, 0.10, 0.10)  # every label used; test held out
 SPLITS = ("unlabelled", "train", "val", "test")
+VARIANTS = ("flag", "flag-flat", "no-pretrain", "bytes-only", "rf")
+RF_BYTES = 64  # the random forest's bytes per packet
+RF_TREES = 300
 
 
 @dataclass
@@ -52,8 +62,10 @@ class Protocol:
     finetune_lr: float = 3e-4
     balance: str = "weights"
     fractions: tuple[float, ...] = (1.0, 0.1)
-    variants: tuple[str, ...] = ("flag", "no-pretrain", "bytes-only")
+    variants: tuple[str, ...] = VARIANTS
     modes: tuple[str, ...] = ("paper", "honest")
+    packet_aware: bool = True  # input of flag, no-pretrain and bytes-only (flag-flat: never)
+    unlabelled: tuple[str, ...] = ()  # extra captures for pre-training only (labels unused)
     seed: int = 0
     overrides: dict = field(default_factory=dict)  # extra ModelConfig fields (tests: smaller)
 
@@ -63,13 +75,14 @@ class Protocol:
         return FlowSettings(ready_packets=self.ready_packets, preprocessing=pre)
 
 
-def split_random(ds: Dataset, seed: int) -> dict[str, np.ndarray]:
-    """The paper's split: per class, a random 40/36/12/12 cut."""
+def split_random(ds: Dataset, seed: int,
+                 shares: tuple[float, ...] = SHARES) -> dict[str, np.ndarray]:
+    """The paper's split: per class, a random 40/36/12/12 cut (or other shares)."""
     rng = np.random.default_rng(seed)
     parts: dict[str, list[int]] = {s: [] for s in SPLITS}
     for c in range(len(ds.classes)):
         idx = rng.permutation(np.flatnonzero(ds.labels == c))
-        for name, chunk in zip(SPLITS, _cut(idx, SHARES), strict=True):
+        for name, chunk in zip(SPLITS, _cut(idx, shares), strict=True):
             parts[name] += chunk.tolist()
     return {k: np.array(sorted(v), np.int64) for k, v in parts.items()}
 
@@ -116,83 +129,165 @@ def subsample(idx: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -
     return np.array(sorted(keep), np.int64)
 
 
-def evaluate_split(model_dir: Path, ids: np.ndarray, labels: np.ndarray, classes: list[str],
-                   n_dropped: int) -> dict:
+def rf_features(flows: list[list[bytes]], k: int) -> np.ndarray:
+    """(N, k * RF_BYTES) uint8: the first RF_BYTES model bytes of each of the first k packets,
+    zero-padded: what the random forest sees (the same bytes the encoder reads, cut shorter)."""
+    x = np.zeros((len(flows), k * RF_BYTES), np.uint8)
+    for i, flow in enumerate(flows):
+        for j, pkt in enumerate(flow[:k]):
+            x[i, j * RF_BYTES: j * RF_BYTES + min(len(pkt), RF_BYTES)] = np.frombuffer(
+                pkt[:RF_BYTES], np.uint8)
+    return x
+
+
+def random_forest(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
+                  seed: int) -> np.ndarray:
+    """Predictions of a RF_TREES-tree random forest (scikit-learn, the `train` extra)."""
+    try:
+        from sklearn.ensemble import RandomForestClassifier
+    except ImportError:
+        raise ValueError("the random-forest baseline needs scikit-learn: "
+                         "pip install 'flagd[train]' (or leave out --variant rf)") from None
+    rf = RandomForestClassifier(n_estimators=RF_TREES, n_jobs=-1, random_state=seed)
+    return rf.fit(x_train, y_train).predict(x_test)
+
+
+def evaluate_split(model_dir: Path, ids: np.ndarray, ctx: np.ndarray | None, labels: np.ndarray,
+                   classes: list[str], n_dropped: int) -> dict:
     model, _ = load_checkpoint(model_dir / "best.pt")
     model = prepare_for_inference(model)
-    pred = predict_logits(model, torch.from_numpy(ids.astype(np.int64))).argmax(-1).numpy()
-    return evaluate.metrics(labels, pred, classes, n_dropped=n_dropped)
+    ctx_t = None if ctx is None else torch.from_numpy(ctx)
+    pred = predict_logits(model, torch.from_numpy(ids.astype(np.int64)), ctx=ctx_t)
+    return evaluate.metrics(labels, pred.argmax(-1).numpy(), classes, n_dropped=n_dropped)
 
 
-def run_mode(ds: Dataset, mode: str, p: Protocol, out: Path,
+def _splits(ds: Dataset, mode: str, seed: int) -> dict[str, np.ndarray]:
+    if mode == "honest":
+        return split_grouped(ds, seed)
+    return split_random(ds, seed, PRODUCT_SHARES if mode == "product" else SHARES)
+
+
+def run_mode(ds: Dataset, mode: str, p: Protocol, out: Path, extra: Dataset | None = None,
              log: Callable[[str], None] = print, progress: bool = True) -> list[dict]:
-    """Every variant and label fraction of one mode on one dataset; returns table rows."""
-    split = (split_grouped if mode == "honest" else split_random)(ds, p.seed)
+    """Every variant and label fraction of one mode on one dataset; returns table rows.
+    extra: unlabelled flows built with the same settings, added to pre-training only."""
+    split = _splits(ds, mode, p.seed)
     (out / mode).mkdir(parents=True, exist_ok=True)
     (out / mode / "split.json").write_text(json.dumps({k: v.tolist() for k, v in split.items()}))
-    log(f"[{mode}] {len(ds)} flows: " + ", ".join(f"{k} {len(v)}" for k, v in split.items()))
+    log(f"[{mode}] {len(ds)} flows: " + ", ".join(f"{k} {len(v)}" for k, v in split.items())
+        + (f"; {len(extra)} extra unlabelled flows for pre-training" if extra else ""))
     empty = [k for k in ("train", "val", "test") if not len(split[k])]
     if empty:
         raise ValueError(f"{mode}: {len(ds)} flows in {len(ds.classes)} classes are too few to "
                          f"split; the {' and '.join(empty)} split would be empty")
-    pre_rows = np.concatenate([split["unlabelled"], split["train"]])  # labels unused
+    corpus = ds if extra is None else _concat(ds, extra)
+    pre_rows = np.concatenate([split["unlabelled"], split["train"],
+                               np.arange(len(ds), len(corpus))])  # labels unused
     n_dropped = sum(ds.stats.get("dropped", {}).values())
+    te = split["test"]
     rows = []
-    dicts = {}
+    dicts: dict[str, PhraseDict] = {}
     for variant in p.variants:
-        key = "bytes" if variant == "bytes-only" else "phrases"
-        if key not in dicts:
-            dicts[key] = PhraseDict.bytes_only() if key == "bytes" else PhraseDict.fit(
-                (pk for i in pre_rows for pk in ds.flows[i]), p.vocab_size)
-        phrases = dicts[key]
-        ids = phrases.encode_flows(ds.flows, p.max_len)
-        cfg = ModelConfig.preset(p.preset, vocab_size=phrases.vocab_size, max_len=p.max_len,
-                                 **p.overrides)
-        init = None
-        pre_wall = 0.0
-        if variant != "no-pretrain":
-            run = out / mode / f"pretrain-{key}"
-            if not (run / "wall_s").exists():  # not finished: start, or resume an interrupted run
-                t0 = time.monotonic()
-                pretrain(ids[pre_rows], ids[split["val"]], cfg, run, epochs=p.pretrain_epochs,
-                         batch_size=p.batch_size, lr=p.pretrain_lr, vocab_sha256=phrases.sha256,
-                         seed=p.seed, progress=progress, log=log,
-                         resume=(run / "last.pt").exists())
-                (run / "wall_s").write_text(f"{time.monotonic() - t0:.1f}")
-            init = torch.load(run / "best.pt", weights_only=True)
-            pre_wall = float((run / "wall_s").read_text()) if (run / "wall_s").exists() else 0.0
         for frac in p.fractions:
             tr = subsample(split["train"], ds.labels, frac, p.seed)
             va = subsample(split["val"], ds.labels, frac, p.seed)
             name = f"{variant}-{int(frac * 100)}"
             run = out / mode / name
             t0 = time.monotonic()
+            if variant == "rf":
+                k = p.ready_packets
+                pred = random_forest(rf_features([ds.flows[i] for i in tr], k), ds.labels[tr],
+                                     rf_features([ds.flows[i] for i in te], k), p.seed)
+                report = evaluate.metrics(ds.labels[te], pred, ds.classes, n_dropped=n_dropped)
+                run.mkdir(parents=True, exist_ok=True)
+                evaluate.write_json(report, run / "report.json")
+                rows.append(evaluate.compare_row(f"{mode}: random forest", report, labels=frac,
+                                                 wall_s=time.monotonic() - t0))
+                _log_row(log, mode, name, report)
+                continue
+            key = "bytes" if variant == "bytes-only" else "phrases"
+            if key not in dicts:
+                dicts[key] = PhraseDict.bytes_only() if key == "bytes" else PhraseDict.fit(
+                    (pk for i in pre_rows for pk in corpus.flows[i]), p.vocab_size)
+            phrases = dicts[key]
+            aware = p.packet_aware and variant != "flag-flat"
+            ids, ctx = inputs.encode(phrases, corpus.flows, corpus.sides, p.max_len, aware)
+            cfg = ModelConfig.preset(p.preset, vocab_size=phrases.vocab_size, max_len=p.max_len,
+                                     packet_aware=aware, **p.overrides)
+            init, pre_wall = None, 0.0
+            if variant != "no-pretrain":
+                init, pre_wall = _pretrained(out / mode / f"pretrain-{key}{'' if aware else '-flat'}",
+                                             ids, ctx, pre_rows, split["val"], cfg, phrases, p,
+                                             log, progress)
             finetune(ids[tr], ds.labels[tr], ids[va], ds.labels[va], init=init, cfg=cfg,
+                     train_ctx=_rows(ctx, tr), val_ctx=_rows(ctx, va),
                      labels=ds.classes, run_dir=run, epochs=p.finetune_epochs,
                      batch_size=p.batch_size, lr=p.finetune_lr, balance=p.balance,
                      vocab_sha256=phrases.sha256, seed=p.seed, progress=progress, log=log)
             wall = time.monotonic() - t0 + pre_wall
             phrases.save(run / "phrases.json")
-            te = split["test"]
-            report = evaluate_split(run, ids[te], ds.labels[te], ds.classes, n_dropped)
+            report = evaluate_split(run, ids[te], _rows(ctx, te), ds.labels[te], ds.classes,
+                                    n_dropped)
             evaluate.write_json(report, run / "report.json")
             n_params = sum(v.numel() for v in torch.load(run / "best.pt", weights_only=True)["model"].values())
-            row = evaluate.compare_row(f"{mode}: {variant}", report, labels=frac, wall_s=wall,
-                                       model_params=n_params)
+            rows.append(evaluate.compare_row(f"{mode}: {variant}", report, labels=frac,
+                                             wall_s=wall, model_params=n_params))
             if variant == "flag" and frac == 1.0:  # the model to ship: a bundle for --model
-                export(run, phrases, ds, p, report)
-            rows.append(row)
-            log(f"[{mode}] {name}: accuracy {report['accuracy']:.4f} macro-F1 "
-                f"{report['macro_f1']:.4f} TPR {report['tpr']:.4f} FPR {report['fpr']:.4f}")
+                export(run, phrases, ds, p, report, te)
+            _log_row(log, mode, name, report)
     return rows
 
 
-def export(run: Path, phrases: PhraseDict, ds: Dataset, p: Protocol, report: dict) -> Path:
-    """Write run/model/, a bundle `flagd replay --model` loads, with its test report."""
-    s = ds.settings
-    settings = FlowSettings.from_dict(s)
+def _rows(ctx: np.ndarray | None, idx: np.ndarray) -> np.ndarray | None:
+    return None if ctx is None else ctx[idx]
+
+
+def _log_row(log: Callable[[str], None], mode: str, name: str, report: dict) -> None:
+    log(f"[{mode}] {name}: accuracy {report['accuracy']:.4f} macro-F1 "
+        f"{report['macro_f1']:.4f} TPR {report['tpr']:.4f} FPR {report['fpr']:.4f}")
+
+
+def _pretrained(run: Path, ids: np.ndarray, ctx: np.ndarray | None, rows: np.ndarray,
+                val: np.ndarray, cfg: ModelConfig, phrases: PhraseDict, p: Protocol,
+                log: Callable[[str], None], progress: bool) -> tuple[dict, float]:
+    """The pre-trained checkpoint of one dictionary and input kind: trained once per mode,
+    resumed if interrupted, reused by every label fraction."""
+    if not (run / "wall_s").exists():  # not finished: start, or resume an interrupted run
+        t0 = time.monotonic()
+        pretrain(ids[rows], ids[val], cfg, run, train_ctx=_rows(ctx, rows),
+                 val_ctx=_rows(ctx, val), epochs=p.pretrain_epochs, batch_size=p.batch_size,
+                 lr=p.pretrain_lr, vocab_sha256=phrases.sha256, seed=p.seed,
+                 progress=progress, log=log, resume=(run / "last.pt").exists())
+        (run / "wall_s").write_text(f"{time.monotonic() - t0:.1f}")
+    return torch.load(run / "best.pt", weights_only=True), float((run / "wall_s").read_text())
+
+
+def _concat(a: Dataset, b: Dataset) -> Dataset:
+    """a's flows then b's, b unlabelled (its sources appended to a's)."""
+    return Dataset(a.flows + b.flows, a.sides + b.sides,
+                   np.concatenate([a.labels, np.full(len(b), -1, a.labels.dtype)]), a.classes,
+                   np.concatenate([a.source, b.source + len(a.sources)]), a.sources + b.sources,
+                   np.concatenate([a.start, b.start]), a.settings, a.stats)
+
+
+def export(run: Path, phrases: PhraseDict, ds: Dataset, p: Protocol, report: dict,
+           test: np.ndarray) -> Path:
+    """Write run/model/, a bundle `flagd replay --model` loads, with its test report and the
+    flows of its test split (capture and flow start), so a test can score them again."""
     best = torch.load(run / "best.pt", weights_only=True)
-    return save_bundle(run / "model", best, phrases, settings, p.max_len, metrics=report)
+    test_flows = sorted([ds.sources[ds.source[i]], float(ds.start[i])] for i in test)
+    return save_bundle(run / "model", best, phrases, FlowSettings.from_dict(ds.settings),
+                       p.max_len, metrics=report, test_flows=test_flows)
+
+
+def _dataset(path: Path, make: Callable[[], Dataset]) -> Dataset:
+    """The dataset saved at path by an earlier (interrupted) run of the same protocol, or a new
+    one built and saved there."""
+    if path.exists():
+        return Dataset.load(path)
+    ds = make()
+    ds.save(path)
+    return ds
 
 
 def run_protocol(tree: list[Path], out: Path, p: Protocol, label_kind: str = "dir",
@@ -202,10 +297,15 @@ def run_protocol(tree: list[Path], out: Path, p: Protocol, label_kind: str = "di
     (out / "protocol.json").write_text(json.dumps(asdict(p), indent=2))
     rows = []
     for mode in p.modes:
-        ds = build(tree, p.flow_settings(honest=mode == "honest"), label=labeller(label_kind))
-        ds.save(out / mode / "dataset.npz")
+        settings = p.flow_settings(honest=mode == "honest")
+        ds = _dataset(out / mode / "dataset.npz",
+                      lambda settings=settings: build(tree, settings, label=labeller(label_kind)))
         log(f"[{mode}] dataset: {len(ds)} flows, {ds.stats.get('duplicates', 0)} duplicates "
             f"removed, dropped {ds.stats['dropped']}")
-        rows += run_mode(ds, mode, p, out, log, progress)
+        extra = None
+        if p.unlabelled:
+            extra = _dataset(out / mode / "unlabelled.npz",
+                             lambda settings=settings: build(p.unlabelled, settings))
+        rows += run_mode(ds, mode, p, out, extra, log, progress)
     (out / "report.json").write_text(json.dumps({"protocol": asdict(p), "rows": rows}, indent=2))
     return rows

@@ -19,10 +19,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from flagd import inputs
 from flagd.events import Prediction
 from flagd.flows import Flow, FlowSettings
 from flagd.model import FlagEncoder, load_checkpoint, padding_mask, trim_padding
 from flagd.phrases import PhraseDict, PhraseDictError
+
+Encoded = tuple[np.ndarray, np.ndarray | None]  # flagd.inputs.encode: ids and packet context
 
 FORMAT = "flagd-model"
 VERSION = 1
@@ -103,22 +106,28 @@ def prepare_for_inference(model: FlagEncoder, *, quantize: bool = True) -> FlagE
 
 
 @torch.inference_mode()
-def predict_logits(model: FlagEncoder, ids: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Class logits (N, n_classes), float32 on ids' device, for ids (N, T), with padding-aware
-    batching: rows are sorted by real length so each batch holds similar lengths, then each
-    batch is cut to its longest row. Short flows (most of them) then cost only their length."""
+def predict_logits(model: FlagEncoder, ids: torch.Tensor, batch_size: int = 256,
+                   ctx: torch.Tensor | None = None) -> torch.Tensor:
+    """Class logits (N, n_classes), float32 on ids' device, for ids (N, T) (and a packet-aware
+    model's context (N, T, 4)), with padding-aware batching: rows are sorted by real length so
+    each batch holds similar lengths, then each batch is cut to its longest row. Short flows
+    (most of them) then cost only their length."""
     n = ids.size(0)
     order = torch.argsort(padding_mask(ids).sum(1), descending=True, stable=True)
     out = torch.empty(n, model.cfg.n_classes, device=ids.device)
     for i in range(0, n, batch_size):
         idx = order[i : i + batch_size]
-        out[idx] = model.classify(trim_padding(ids[idx]))[0].float()
+        rows = trim_padding(ids[idx])
+        rows_ctx = None if ctx is None else ctx[idx, : rows.size(1)]
+        out[idx] = model.classify(rows, ctx=rows_ctx)[0].float()
     return out
 
 
 def save_bundle(out: Path, checkpoint: dict, phrases: PhraseDict, settings: FlowSettings,
-                max_len: int, metrics: dict | None = None, card: str | None = None) -> Path:
-    """Write a bundle directory; the manifest hashes every file written."""
+                max_len: int, metrics: dict | None = None, card: str | None = None,
+                test_flows: list | None = None) -> Path:
+    """Write a bundle directory; the manifest hashes every file written. test_flows: the
+    [capture, flow start] of every flow of the model's test split (test-flows.json)."""
     out.mkdir(parents=True, exist_ok=True)
     torch.save(checkpoint, out / "model.pt")
     phrases.save(out / "phrases.json")
@@ -129,6 +138,9 @@ def save_bundle(out: Path, checkpoint: dict, phrases: PhraseDict, settings: Flow
     if card is not None:
         (out / "README.md").write_text(card)
         files.append("README.md")
+    if test_flows is not None:
+        (out / "test-flows.json").write_text(json.dumps(test_flows) + "\n")
+        files.append("test-flows.json")
     manifest = {
         "format": FORMAT, "version": VERSION, "name": out.name,
         "labels": checkpoint["labels"], "max_len": max_len,
@@ -207,16 +219,21 @@ class Bundle:
         return cls(manifest.get("name", path.name), model, phrases, labels, max_len, settings,
                    device, top_k)
 
-    def encode(self, flows: list[Flow]) -> np.ndarray:
-        return self.phrases.encode_flows([f.packets for f in flows], self.max_len)
+    def encode(self, flows: list[Flow]) -> Encoded:
+        return inputs.encode(self.phrases, [f.packets for f in flows], [f.sides for f in flows],
+                             self.max_len, self.model.cfg.packet_aware)
 
-    def predict(self, ids: np.ndarray, packets_used: list[int]) -> list[Prediction]:
+    def logits(self, encoded: Encoded) -> torch.Tensor:
+        ids, ctx = encoded
         x = torch.from_numpy(ids.astype(np.int64)).to(self.device)
+        c = None if ctx is None else torch.from_numpy(ctx).to(self.device)
         if self.device == "cuda":
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                logits = predict_logits(self.model, x)
-        else:
-            logits = predict_logits(self.model, x)
+                return predict_logits(self.model, x, ctx=c)
+        return predict_logits(self.model, x, ctx=c)
+
+    def predict(self, encoded: Encoded, packets_used: list[int]) -> list[Prediction]:
+        logits = self.logits(encoded)
         probs = torch.softmax(logits.float(), -1)
         k = min(self.top_k, probs.size(1))
         top_p, top_i = probs.topk(k, dim=-1)
@@ -228,11 +245,14 @@ class Bundle:
             out.append(Prediction(top[0][0], top[0][1], top, n, self.name))
         return out
 
-    def predict_flows(self, flows: list[list[bytes]], batch: int = 512) -> np.ndarray:
-        """Class indices for flows given as packet-byte lists (evaluation)."""
+    def predict_flows(self, flows: list[list[bytes]], sides: list | None = None,
+                      batch: int = 512) -> np.ndarray:
+        """Class indices for flows given as packet-byte lists and their sides (evaluation)."""
         preds = []
+        aware = self.model.cfg.packet_aware
         for i in range(0, len(flows), batch):
-            ids = self.phrases.encode_flows(flows[i:i + batch], self.max_len)
-            x = torch.from_numpy(ids.astype(np.int64)).to(self.device)
-            preds.append(predict_logits(self.model, x).argmax(-1).cpu().numpy())
+            encoded = inputs.encode(self.phrases, flows[i:i + batch],
+                                    None if sides is None else sides[i:i + batch],
+                                    self.max_len, aware)
+            preds.append(self.logits(encoded).argmax(-1).cpu().numpy())
         return np.concatenate(preds) if preds else np.zeros(0, np.int64)

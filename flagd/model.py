@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from flagd.inputs import FIELD_SIZES
 from flagd.phrases import NUM_SPECIAL, PAD
 
 CHECKPOINT_FORMAT = 1  # bump when the checkpoint dict's keys change meaning
@@ -39,6 +40,10 @@ class ModelConfig:
     dropout: float = 0.1  # on embeddings, attention output, MLP output and the classifier
     n_classes: int = 0  # 0 = no classification head (pre-training)
     norm_first: bool = True  # pre-LN blocks (see module docstring); False = BERT's post-LN
+    # Packet-aware input (beyond the paper): every id also gets embeddings of its packet's
+    # index, direction, size and gap (flagd.inputs), and pre-training predicts masked sizes
+    # and gaps too. False is the paper's flat phrase sequence.
+    packet_aware: bool = False
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
@@ -84,19 +89,31 @@ def padding_mask(ids: torch.Tensor) -> torch.Tensor:
 
 
 class Embeddings(nn.Module):
-    """Token + learned position embeddings, then LayerNorm and dropout (as in BERT)."""
+    """Token + learned position embeddings (+ the packet context's four, when packet-aware),
+    then LayerNorm and dropout (as in BERT)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.tok = nn.Embedding(cfg.vocab_size, cfg.n_embd, padding_idx=PAD)
         self.pos = nn.Embedding(cfg.max_len, cfg.n_embd)
+        # packet index, direction, size, gap; id 0 ("none": CLS, EOS, PAD) adds nothing
+        self.ctx = nn.ModuleList(
+            nn.Embedding(n, cfg.n_embd, padding_idx=0) for n in FIELD_SIZES
+        ) if cfg.packet_aware else None
         self.ln = nn.LayerNorm(cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, ctx: torch.Tensor | None = None) -> torch.Tensor:
         T = ids.size(1)
         pos = torch.arange(T, device=ids.device)
-        return self.drop(self.ln(self.tok(ids) + self.pos(pos)))  # (B, T, C)
+        x = self.tok(ids) + self.pos(pos)  # (B, T, C)
+        if self.ctx is not None:
+            if ctx is None:
+                raise ValueError("a packet-aware model needs the packet context (B, T, 4)")
+            ctx = ctx.long()
+            for i, emb in enumerate(self.ctx):
+                x = x + emb(ctx[..., i])  # (B, T, C)
+        return self.drop(self.ln(x))
 
 
 class SelfAttention(nn.Module):
@@ -176,6 +193,8 @@ class FlagEncoder(nn.Module):
         self.mlm_dense = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.mlm_ln = nn.LayerNorm(cfg.n_embd)
         self.mlm_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        if cfg.packet_aware:  # masked side channel: a packet's size and gap bucket
+            self.side_heads = nn.ModuleList(nn.Linear(cfg.n_embd, n) for n in FIELD_SIZES[2:])
         if cfg.n_classes > 0:  # BERT's pooler (dense + tanh on [CLS]) and a linear classifier
             self.pooler = nn.Linear(cfg.n_embd, cfg.n_embd)
             self.cls_drop = nn.Dropout(cfg.dropout)
@@ -197,8 +216,11 @@ class FlagEncoder(nn.Module):
             if m.padding_idx is not None:
                 nn.init.zeros_(m.weight[m.padding_idx])
 
-    def encode(self, ids: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
-        """Final hidden states (B, T, C) for int ids (B, T); PAD positions are ignored as keys.
+    def encode(
+        self, ids: torch.Tensor, ctx: torch.Tensor | None = None, cls_only: bool = False
+    ) -> torch.Tensor:
+        """Final hidden states (B, T, C) for int ids (B, T) and, packet-aware, their context
+        (B, T, 4); PAD positions are ignored as keys.
 
         cls_only: return (B, 1, C), position 0 only. The last block then computes just that
         query, its MLP and norms (keys and values still come from every position), which is
@@ -213,21 +235,25 @@ class FlagEncoder(nn.Module):
         attn_mask = keep[:, None, None, :]  # (B, 1, 1, T), broadcast over heads and queries
         if not self.training and bool(keep.all()):
             attn_mask = None  # nothing to hide: SDPA may take its unmasked fast kernel
-        x = self.emb(ids)  # (B, T, C)
+        x = self.emb(ids, ctx)  # (B, T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, attn_mask, first_only=cls_only and i == len(self.blocks) - 1)
         return self.ln_f(x)  # (B, T, C), or (B, 1, C) when cls_only
 
-    def cls_embedding(self, ids: torch.Tensor) -> torch.Tensor:
+    def cls_embedding(self, ids: torch.Tensor, ctx: torch.Tensor | None = None) -> torch.Tensor:
         """The flow representation: the final hidden state at [CLS] (position 0), (B, C)."""
-        return self.encode(ids, cls_only=True)[:, 0]
+        return self.encode(ids, ctx, cls_only=True)[:, 0]
 
     def mlm_logits(self, h: torch.Tensor) -> torch.Tensor:
         h = self.mlm_ln(F.gelu(self.mlm_dense(h)))
         return F.linear(h, self.emb.tok.weight, self.mlm_bias)  # (..., vocab_size)
 
     def forward(
-        self, ids: torch.Tensor, targets: torch.Tensor | None = None
+        self,
+        ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        ctx: torch.Tensor | None = None,
+        side_targets: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Masked-phrase prediction.
 
@@ -235,21 +261,31 @@ class FlagEncoder(nn.Module):
         With targets (B, T), -100 where not predicted: logits (M, vocab_size) for just the M
         positions with a target, in row-major order (what loss and accuracy need; the other
         85% of the vocabulary projection is skipped), and the mean cross-entropy over them.
+        side_targets (B, T, 2), packet-aware only: the size and gap bucket ids of tokens whose
+        packet's side channel was masked, -100 elsewhere; their cross-entropy is added.
         """
-        h = self.encode(ids)  # (B, T, C)
+        h = self.encode(ids, ctx)  # (B, T, C)
         if targets is None:
             return self.mlm_logits(h), None
         chosen = targets != -100  # (B, T)
         logits = self.mlm_logits(h[chosen])  # (M, V)
-        return logits, F.cross_entropy(logits.float(), targets[chosen])
+        loss = F.cross_entropy(logits.float(), targets[chosen])
+        if side_targets is not None:
+            for i, head in enumerate(self.side_heads):
+                hit = side_targets[..., i] != -100  # (B, T)
+                if hit.any():
+                    side = head(h[hit]).float()  # (S, buckets)
+                    loss = loss + 0.5 * F.cross_entropy(side, side_targets[..., i][hit])
+        return logits, loss
 
     def classify(
-        self, ids: torch.Tensor, labels: torch.Tensor | None = None
+        self, ids: torch.Tensor, labels: torch.Tensor | None = None,
+        ctx: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Class logits (B, n_classes) from [CLS], and the cross-entropy when labels are given."""
         if self.cfg.n_classes <= 0:
             raise RuntimeError("this model has no classification head (n_classes=0)")
-        pooled = torch.tanh(self.pooler(self.cls_embedding(ids)))  # (B, C)
+        pooled = torch.tanh(self.pooler(self.cls_embedding(ids, ctx)))  # (B, C)
         logits = self.classifier(self.cls_drop(pooled))  # (B, n_classes)
         loss = None if labels is None else F.cross_entropy(logits.float(), labels)
         return logits, loss

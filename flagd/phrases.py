@@ -257,10 +257,19 @@ class PhraseDict:
         """A batch of flows as an (N, max_len) int32 array, each row `encode_flow` padded with PAD."""
         return self._encode_flows(flows, max_len)[0]
 
-    def _encode_flows(
+    def encode_flows_with_packets(
         self, flows: Sequence[Sequence[bytes]], max_len: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Rows padded with PAD, and the length of each row before padding.
+        """`encode_flows`, and beside it (N, max_len) int16: the 1-based index of the packet
+        each id came from (a packet's SEP counts as its own), 0 for CLS, EOS and PAD."""
+        ids, _, packet_of = self._encode_flows(flows, max_len, with_packets=True)
+        return ids, packet_of
+
+    def _encode_flows(
+        self, flows: Sequence[Sequence[bytes]], max_len: int, with_packets: bool = False
+    ) -> tuple[np.ndarray, ...]:
+        """Rows padded with PAD, the length of each row before padding and, with_packets, the
+        packet index of every id (see encode_flows_with_packets).
 
         The max_len - 2 ids between CLS and EOS are shared fairly between a flow's packets
         (max-min fair, "water-filling"): every packet gets an equal share, and what a short
@@ -314,7 +323,14 @@ class PhraseDict:
         has_sep = sep.astype(bool)
         flat[row_off[has_sep] + keep[has_sep]] = SEP
         out[np.arange(n_flows), lengths - 1] = EOS
-        return out, lengths
+        if not with_packets:
+            return out, lengths
+        # A packet's ids (its kept phrases, then its SEP) fill alloc[j] positions from row_off[j].
+        packet_of = np.zeros((n_flows, max_len), np.int16)
+        local = np.arange(len(kept)) - flow_first[:-1][flow_of]  # index within its flow
+        pos = np.repeat(row_off - (ends - alloc), alloc) + np.arange(int(alloc.sum()))
+        packet_of.reshape(-1)[pos] = np.repeat(local + 1, alloc)
+        return out, lengths, packet_of
 
     def encode_packets(self, packets: Sequence[bytes]) -> list[np.ndarray]:
         """`encode` of many packets at once (one vectorised pass, much faster than a loop)."""

@@ -1,8 +1,10 @@
 """Pre-training (masked-phrase prediction with dynamic masking) and fine-tuning loops.
 
-The loops know the model only through its public calls: `model(ids, targets) -> (logits,
-loss)` for masked phrases, `model.classify(ids) -> (logits, _)` for classes, and the
-checkpoint helpers. Data comes in as int arrays (N, T) of phrase ids from flagd.phrases.
+The loops know the model only through its public calls: `model(ids, targets, ctx,
+side_targets) -> (logits, loss)` for masked phrases (and masked side channel), `model.classify(
+ids, ctx=ctx) -> (logits, _)` for classes, and the checkpoint helpers. Data comes in as int arrays
+(N, T) of phrase ids and, for packet-aware models, their context (N, T, 4) from flagd.inputs.
+Both loops take their optimizer steps through `_step`.
 
 Device and dtype are chosen once (`pick_device`): CUDA with bf16 autocast when present, else
 CPU in fp32. Launched under torchrun (WORLD_SIZE > 1) both loops run DistributedDataParallel,
@@ -33,6 +35,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data.distributed import DistributedSampler
 
+from flagd.evaluate import macro_f1
+from flagd.inputs import GAP_MASK, SIZE_MASK
 from flagd.model import FlagEncoder, ModelConfig, make_checkpoint, trim_padding
 from flagd.phrases import MASK, NUM_SPECIAL
 
@@ -66,6 +70,25 @@ def mask_tokens(
     inputs = torch.where(chosen & (r < 0.8), MASK, ids)
     inputs = torch.where(chosen & (r >= 0.8) & (r < 0.9), random_ids, inputs)
     return inputs, targets
+
+
+def mask_sides(
+    ctx: torch.Tensor, generator: torch.Generator, prob: float = 0.15
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hide the size and gap of a random `prob` of each flow's packets (every id of a chosen
+    packet shows the [MASK] buckets). Returns (ctx, side_targets): side_targets (B, T, 2) hold
+    the true size and gap ids at the hidden positions and IGNORE elsewhere. Pure."""
+    ctx = ctx.long()
+    packet = ctx[..., 0]  # (B, T), 0 = no packet
+    draw = torch.rand(packet.size(0), int(packet.max()) + 1 if packet.numel() else 1,
+                      generator=generator,
+                      device=ctx.device) < prob  # (B, P + 1)
+    hidden = draw.gather(1, packet) & (packet > 0)  # (B, T)
+    targets = torch.where(hidden[..., None], ctx[..., 2:], IGNORE)  # (B, T, 2)
+    masked = ctx.clone()
+    masked[..., 2] = torch.where(hidden, SIZE_MASK, ctx[..., 2])
+    masked[..., 3] = torch.where(hidden, GAP_MASK, ctx[..., 3])
+    return masked, targets
 
 
 def _step_generator(seed: int, step: int, rank: int) -> torch.Generator:
@@ -137,8 +160,8 @@ class _Classify(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.classify(ids)[0]
+    def forward(self, ids: torch.Tensor, ctx: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model.classify(ids, ctx=ctx)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,9 +256,30 @@ class _Progress:
             self.bar.stop()
 
 
-def _batches(data: torch.Tensor, indices: list[int], batch_size: int) -> Iterator[torch.Tensor]:
+Batch = tuple[torch.Tensor, torch.Tensor | None]  # ids (B, T) and context (B, T, 4) or None
+
+
+def _take(data: torch.Tensor, ctx: torch.Tensor | None, idx: list[int]) -> Batch:
+    """Rows idx, cut to their longest real row (padding-aware); the context cut alike."""
+    ids = trim_padding(data[idx])
+    return ids, None if ctx is None else ctx[idx, : ids.size(1)]
+
+
+def _batches(data: torch.Tensor, ctx: torch.Tensor | None, indices: list[int],
+             batch_size: int) -> Iterator[Batch]:
     for i in range(0, len(indices), batch_size):
-        yield trim_padding(data[indices[i : i + batch_size]])  # padding-aware: cut to longest
+        yield _take(data, ctx, indices[i : i + batch_size])
+
+
+def _step(opt: torch.optim.Optimizer, model: nn.Module, loss: torch.Tensor, lr: float) -> None:
+    """One optimizer step, the same for pre-training and fine-tuning: set the scheduled
+    learning rate, backpropagate, clip the gradient norm at 1, step."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
 
 
 def weights_sha256(model: nn.Module) -> str:
@@ -251,6 +295,16 @@ def _as_tensor(ids: np.ndarray | torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(np.asarray(ids), dtype=torch.long)
 
 
+def _as_ctx(ctx: np.ndarray | torch.Tensor | None, n: int, cfg: ModelConfig) -> torch.Tensor | None:
+    """The context tensor (int16 is enough and keeps a large corpus small), checked against the
+    model: a packet-aware model needs one per flow, a flat model takes none."""
+    if not cfg.packet_aware:
+        return None
+    if ctx is None or len(ctx) != n:
+        raise ValueError("a packet-aware model needs a context (N, T, 4) for every flow")
+    return torch.as_tensor(np.asarray(ctx), dtype=torch.int16)
+
+
 # ---------------------------------------------------------------------------------------------
 # Pre-training
 
@@ -261,6 +315,7 @@ def evaluate_mlm(
     val_ids: np.ndarray | torch.Tensor,
     vocab_size: int,
     *,
+    val_ctx: np.ndarray | torch.Tensor | None = None,
     batch_size: int = 128,
     seed: int = 0,
     device: torch.device | None = None,
@@ -271,15 +326,17 @@ def evaluate_mlm(
     device = device or torch.device("cpu")
     d = d or _Dist(device)
     data = _as_tensor(val_ids)
+    ctx = None if val_ctx is None else torch.as_tensor(val_ctx, dtype=torch.int16)
     was_training = model.training
     model.eval()
     loss_sum = correct = count = 0.0
     shard = list(range(d.rank, len(data), d.world))
-    for b, batch in enumerate(_batches(data, shard, batch_size)):
-        inputs, targets = mask_tokens(batch, vocab_size, _step_generator(seed, b, d.rank))
-        inputs, targets = inputs.to(device), targets.to(device)
+    for b, (batch, bctx) in enumerate(_batches(data, ctx, shard, batch_size)):
+        gen = _step_generator(seed, b, d.rank)
+        inputs, targets = mask_tokens(batch, vocab_size, gen)
+        side_in, side_targets = mask_sides(bctx, gen) if bctx is not None else (None, None)
         with autocast(device):
-            logits, loss = model(inputs, targets)
+            logits, loss = model(*_to(device, inputs, targets, side_in, side_targets))
         m = int((targets != IGNORE).sum())
         if m:
             loss_sum += float(loss) * m
@@ -290,12 +347,18 @@ def evaluate_mlm(
     return {"val_loss": loss_sum / max(count, 1), "val_acc": correct / max(count, 1)}
 
 
+def _to(device: torch.device, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    return [None if t is None else t.to(device) for t in tensors]
+
+
 def pretrain(
     train_ids: np.ndarray,
     val_ids: np.ndarray,
     cfg: ModelConfig,
     run_dir: Path,
     *,
+    train_ctx: np.ndarray | None = None,
+    val_ctx: np.ndarray | None = None,
     epochs: int | None = None,
     steps: int | None = None,
     batch_size: int = 64,
@@ -310,7 +373,8 @@ def pretrain(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Pre-train a FlagEncoder by masked-phrase prediction with dynamic masking.
+    """Pre-train a FlagEncoder by masked-phrase prediction with dynamic masking (and, for a
+    packet-aware cfg, masked size/gap prediction; train_ctx/val_ctx are then required).
 
     Give epochs or steps (optimizer steps; batch_size is per rank). Writes run_dir/config.json
     (model config + these arguments), run_dir/last.pt (with optimizer state, for resume) at
@@ -328,6 +392,8 @@ def pretrain(
     data = _as_tensor(train_ids)
     if data.ndim != 2 or data.shape[1] > cfg.max_len:
         raise ValueError(f"train_ids must be (N, T<={cfg.max_len}), got {tuple(data.shape)}")
+    ctx = _as_ctx(train_ctx, len(data), cfg)
+    val_ctx = _as_ctx(val_ctx, len(val_ids), cfg)
     steps_per_epoch = math.ceil(math.ceil(len(data) / d.world) / batch_size)
     total = steps if steps is not None else epochs * steps_per_epoch
     warmup = warmup if warmup is not None else min(1000, max(1, total // 16))
@@ -374,9 +440,8 @@ def pretrain(
     ddp = _wrap(model, d, device)
 
     def validate() -> dict[str, float]:
-        return evaluate_mlm(
-            model, val_ids, cfg.vocab_size, batch_size=batch_size, seed=seed, device=device, d=d
-        )
+        return evaluate_mlm(model, val_ids, cfg.vocab_size, val_ctx=val_ctx,
+                            batch_size=batch_size, seed=seed, device=device, d=d)
 
     def checkpoint(metrics: dict[str, float]) -> None:
         nonlocal best
@@ -411,19 +476,14 @@ def pretrain(
         while step < total:
             epoch, skip = divmod(step, steps_per_epoch)
             indices = _epoch_indices(len(data), epoch, seed, d)[skip * batch_size :]
-            for batch in _batches(data, indices, batch_size):
-                inputs, targets = mask_tokens(
-                    batch, cfg.vocab_size, _step_generator(seed, step, d.rank), mask_prob
-                )
-                inputs, targets = inputs.to(device), targets.to(device)
-                for g in opt.param_groups:
-                    g["lr"] = _lr_at(step, total, warmup, lr)
+            for batch, bctx in _batches(data, ctx, indices, batch_size):
+                gen = _step_generator(seed, step, d.rank)
+                inputs, targets = mask_tokens(batch, cfg.vocab_size, gen, mask_prob)
+                side_in, side_targets = (mask_sides(bctx, gen, mask_prob) if bctx is not None
+                                         else (None, None))
                 with autocast(device):
-                    _, loss = ddp(inputs, targets)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
+                    _, loss = ddp(*_to(device, inputs, targets, side_in, side_targets))
+                _step(opt, model, loss, _lr_at(step, total, warmup, lr))
                 step += 1
                 phrases += float((batch >= NUM_SPECIAL).sum()) * d.world
                 value = loss.item()
@@ -463,22 +523,13 @@ def pretrain(
 # Fine-tuning
 
 
-def macro_f1(confusion: np.ndarray) -> float:
-    """Mean F1 over the classes that occur in the truth or the predictions (rows: true class,
-    columns: predicted), as sklearn's f1_score(average="macro") computes it."""
-    tp = np.diag(confusion).astype(np.float64)
-    true, pred = confusion.sum(1), confusion.sum(0)
-    present = (true + pred) > 0
-    f1 = np.divide(2 * tp, true + pred, out=np.zeros_like(tp), where=present)
-    return float(f1[present].mean()) if present.any() else 0.0
-
-
 @torch.no_grad()
 def evaluate_classifier(
     model: FlagEncoder,
     ids: np.ndarray | torch.Tensor,
     labels: np.ndarray | torch.Tensor,
     *,
+    ctx: np.ndarray | torch.Tensor | None = None,
     batch_size: int = 256,
     device: torch.device | None = None,
     d: _Dist | None = None,
@@ -487,6 +538,7 @@ def evaluate_classifier(
     device = device or torch.device("cpu")
     d = d or _Dist(device)
     data, y = _as_tensor(ids), _as_tensor(labels)
+    ctx = _as_ctx(ctx, len(data), model.cfg)
     C = model.cfg.n_classes
     was_training = model.training
     model.eval()
@@ -495,8 +547,9 @@ def evaluate_classifier(
     shard = list(range(d.rank, len(data), d.world))
     for i in range(0, len(shard), batch_size):
         idx = shard[i : i + batch_size]
+        b_ids, b_ctx = _to(device, *_take(data, ctx, idx))
         with autocast(device):
-            logits, _ = model.classify(trim_padding(data[idx]).to(device))
+            logits, _ = model.classify(b_ids, ctx=b_ctx)
         target = y[idx].to(device)
         loss_sum += float(F.cross_entropy(logits.float(), target, reduction="sum"))
         pred = logits.argmax(-1).cpu()
@@ -520,6 +573,8 @@ def finetune(
     val_ids: np.ndarray,
     val_labels: np.ndarray,
     *,
+    train_ctx: np.ndarray | None = None,
+    val_ctx: np.ndarray | None = None,
     init: dict[str, Any] | None,
     labels: list[str],
     run_dir: Path,
@@ -564,6 +619,8 @@ def finetune(
     data, y = _as_tensor(train_ids), _as_tensor(train_labels)
     if len(data) != len(y) or len(val_ids) != len(val_labels):
         raise ValueError("ids and labels differ in length")
+    ctx = _as_ctx(train_ctx, len(data), cfg)
+    val_ctx = _as_ctx(val_ctx, len(val_ids), cfg)
     if int(y.min()) < 0 or int(y.max()) >= len(labels):
         raise ValueError("train_labels must index into labels")
 
@@ -627,24 +684,18 @@ def finetune(
             indices = _epoch_indices(len(data), epoch, seed, d, sample_weight)
             for i in range(0, len(indices), batch_size):
                 idx = indices[i : i + batch_size]
-                ids, target = trim_padding(data[idx]).to(device), y[idx].to(device)
-                for g in opt.param_groups:
-                    g["lr"] = _lr_at(step, total, warmup, lr)
+                b_ids, b_ctx, target = _to(device, *_take(data, ctx, idx), y[idx])
                 with autocast(device):
-                    logits = ddp(ids)
+                    logits = ddp(b_ids, b_ctx)
                 loss = F.cross_entropy(logits.float(), target, weight=class_weight)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
+                _step(opt, model, loss, _lr_at(step, total, warmup, lr))
                 step += 1
                 flows += len(idx) * d.world
                 value = loss.item()
                 loss_ema = value if math.isnan(loss_ema) else 0.95 * loss_ema + 0.05 * value
                 bar.update(step, loss_ema, flows / (time.perf_counter() - t0))
-            metrics = evaluate_classifier(
-                model, val_ids, val_labels, batch_size=batch_size, device=device, d=d
-            )
+            metrics = evaluate_classifier(model, val_ids, val_labels, ctx=val_ctx,
+                                          batch_size=batch_size, device=device, d=d)
             history.append({"epoch": epoch, "step": step, "train_loss": loss_ema, **metrics})
             if metrics["val_macro_f1"] > best["val_macro_f1"]:
                 best = {"epoch": epoch, "step": step, "train_loss": loss_ema, **metrics}
