@@ -185,9 +185,33 @@ def run(
     anonymize: Annotated[bool | None, typer.Option("--anonymize/--no-anonymize", help="Keyed-hash pseudonyms instead of addresses in events (key: anonymize_key in the config file).")] = None,
 ) -> None:
     """Capture live traffic on an interface and classify every flow."""
-    from flagd.privileges import forbid_new_privileges
+    import pwd
 
-    forbid_new_privileges()  # first: the flag reaches only threads started after it (numpy's, torch's)
+    from flagd.helper import Helper, has_cap_net_raw
+    from flagd.privileges import PrivilegeError, drop_privileges, forbid_new_privileges
+
+    # First, before any thread exists (numpy's, torch's): no_new_privs reaches only threads
+    # started after it, and the capture helper is forked, which is only safe without threads.
+    forbid_new_privileges()
+    helper = Helper.start() if has_cap_net_raw() else None
+    try:
+        if helper is not None and os.geteuid() != 0:
+            # Not root: CAP_NET_RAW came as a capability (systemd's ambient set). The helper
+            # keeps it; the daemon gives every capability up now, in its only thread, so no
+            # thread it starts later (torch's included) ever holds one.
+            try:
+                drop_privileges(pwd.getpwuid(os.getuid()).pw_name)
+            except PrivilegeError as e:
+                raise fail(str(e)) from None
+        _run(iface, log, model, no_model, bpf, promisc, user, dashboard, config, batch_size,
+             batch_delay_ms, stats_interval, workers, anonymize, helper)
+    finally:
+        if helper is not None:
+            helper.close()
+
+
+def _run(iface, log, model, no_model, bpf, promisc, user, dashboard, config, batch_size,
+         batch_delay_ms, stats_interval, workers, anonymize, helper) -> None:
     from flagd.capture import open_capture
     from flagd.daemon import RunConfig
     from flagd.source import FanoutSource, LiveSource
@@ -201,6 +225,7 @@ def run(
         raise fail(str(e)) from None
     if not cfg.iface:
         raise fail("no interface: give --iface NAME (or iface in the config file)", Exit.USAGE)
+    opener = helper.packet_socket if helper is not None else None
 
     def open_source(settings, notice):
         if cfg.workers > 1:
@@ -209,8 +234,9 @@ def run(
 
                 torch.set_num_threads(max(1, (os.cpu_count() or 1) - cfg.workers))
             return FanoutSource(cfg.iface, cfg.workers, settings.flows, bpf=cfg.bpf,
-                                promisc=cfg.promisc, user=cfg.user, notice=notice)
-        return LiveSource(open_capture(cfg.iface, bpf=cfg.bpf, promisc=cfg.promisc), notice)
+                                promisc=cfg.promisc, user=cfg.user, notice=notice, helper=helper)
+        return LiveSource(open_capture(cfg.iface, bpf=cfg.bpf, promisc=cfg.promisc, opener=opener),
+                          notice)
 
     _serve(cfg, model, no_model, open_source)
 
@@ -328,6 +354,15 @@ def _phrases(vocab: Path):
         raise fail(str(e)) from None
 
 
+def _model_input(phrases, sets, max_len: int, packet_aware: bool):
+    """Phrase ids (and packet context) of every flow of the datasets, in order."""
+    from flagd import inputs
+
+    flows = [f for ds in sets for f in ds.flows]
+    sides = [s for ds in sets for s in ds.sides]
+    return inputs.encode(phrases, flows, sides, max_len, packet_aware)
+
+
 @app.command()
 def pretrain(
     data: Annotated[list[Path], typer.Argument(help="Datasets (.npz) or capture trees (labels unused).")],
@@ -341,6 +376,7 @@ def pretrain(
     val_fraction: Annotated[float, typer.Option(help="Share of flows held out for validation.")] = 0.1,
     seed: int = 0,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last.pt.")] = False,
+    packet_aware: Annotated[bool, typer.Option(help="Packet-aware input (packet index, direction, size, gap); --flat: the paper's.")] = True,
 ) -> None:
     """Pre-train the encoder by masked-phrase prediction with dynamic masking."""
     import numpy as np
@@ -349,14 +385,17 @@ def pretrain(
     from flagd.train import pretrain as run_pretrain
 
     phrases, sets = _phrases(vocab), _datasets(data)
-    ids = np.concatenate([phrases.encode_flows(ds.flows, max_len) for ds in sets])
+    ids, ctx = _model_input(phrases, sets, max_len, packet_aware)
     order = np.random.default_rng(seed).permutation(len(ids))
     n_val = max(1, int(len(ids) * val_fraction))
+    tr, va = order[n_val:], order[:n_val]
     try:
-        cfg = ModelConfig.preset(preset, vocab_size=phrases.vocab_size, max_len=max_len)
+        cfg = ModelConfig.preset(preset, vocab_size=phrases.vocab_size, max_len=max_len,
+                                 packet_aware=packet_aware)
     except ValueError as e:
         raise fail(str(e), Exit.USAGE) from None
-    m = run_pretrain(ids[order[n_val:]], ids[order[:n_val]], cfg, out, epochs=epochs,
+    m = run_pretrain(ids[tr], ids[va], cfg, out, train_ctx=None if ctx is None else ctx[tr],
+                     val_ctx=None if ctx is None else ctx[va], epochs=epochs,
                      batch_size=batch_size, lr=lr, vocab_sha256=phrases.sha256, seed=seed,
                      resume=resume)
     typer.echo(f"{out}/best.pt: validation loss {m.get('best_val_loss', m.get('val_loss'))}")
@@ -377,6 +416,7 @@ def finetune(
     lr: float = 3e-4,
     label_fraction: Annotated[float, typer.Option(help="Use this share of the training labels (per class).")] = 1.0,
     seed: int = 0,
+    packet_aware: Annotated[bool, typer.Option(help="With --no-pretrain: packet-aware input; --flat: the paper's.")] = True,
 ) -> None:
     """Fine-tune a classifier on [CLS]; keeps the epoch with the best validation macro-F1."""
     import numpy as np
@@ -399,13 +439,16 @@ def finetune(
     if tr.classes != va.classes:
         raise fail(f"{train} and {val} have different classes")
     ckpt = torch.load(init, weights_only=True) if init else None
-    idx = subsample(np.arange(len(tr)), tr.labels, label_fraction, seed)
-    cfg = None if ckpt else ModelConfig.preset(preset, vocab_size=phrases.vocab_size, max_len=max_len)
+    tr = tr.subset(subsample(np.arange(len(tr)), tr.labels, label_fraction, seed))
+    cfg = None if ckpt else ModelConfig.preset(preset, vocab_size=phrases.vocab_size,
+                                               max_len=max_len, packet_aware=packet_aware)
     max_len = ckpt["config"]["max_len"] if ckpt else max_len
-    run_finetune(phrases.encode_flows([tr.flows[i] for i in idx], max_len), tr.labels[idx],
-                 phrases.encode_flows(va.flows, max_len), va.labels, init=ckpt, cfg=cfg,
-                 labels=tr.classes, run_dir=out, epochs=epochs, batch_size=batch_size, lr=lr,
-                 vocab_sha256=phrases.sha256, seed=seed)
+    aware = ckpt["config"].get("packet_aware", False) if ckpt else packet_aware
+    tr_ids, tr_ctx = _model_input(phrases, [tr], max_len, aware)
+    va_ids, va_ctx = _model_input(phrases, [va], max_len, aware)
+    run_finetune(tr_ids, tr.labels, va_ids, va.labels, train_ctx=tr_ctx, val_ctx=va_ctx,
+                 init=ckpt, cfg=cfg, labels=tr.classes, run_dir=out, epochs=epochs,
+                 batch_size=batch_size, lr=lr, vocab_sha256=phrases.sha256, seed=seed)
     s = tr.settings
     settings = FlowSettings.from_dict(s)
     best = torch.load(out / "best.pt", weights_only=True)
@@ -482,29 +525,39 @@ def train(
     batch_size: int = 64,
     pretrain_lr: float = 5e-4,
     finetune_lr: float = 3e-4,
-    variant: Annotated[list[str] | None, typer.Option(help="flag, no-pretrain and/or bytes-only [default: all].")] = None,
-    mode: Annotated[list[str] | None, typer.Option(help="paper and/or honest [default: both].")] = None,
+    variant: Annotated[list[str] | None, typer.Option(help="flag, flag-flat, no-pretrain, bytes-only and/or rf [default: all].")] = None,
+    mode: Annotated[list[str] | None, typer.Option(help="paper, honest and/or product [default: paper and honest].")] = None,
     labels: LabelsOpt = "dir",
     packets: Annotated[int, typer.Option(min=1, help="K: relevant packets per flow the model sees.")] = 5,
     packet_bytes: Annotated[int, typer.Option(help="B: bytes kept per packet, from the IP header.")] = 128,
+    packet_aware: Annotated[bool, typer.Option(help="Packet-aware input for flag, no-pretrain and bytes-only; --flat: the paper's flat input.")] = True,
+    unlabelled: Annotated[list[Path] | None, typer.Option(help="Extra captures or trees for pre-training only (labels unused).")] = None,
     seed: int = 0,
 ) -> None:
     """The paper's protocol (40% unlabelled, 60% labelled 6:2:2; all and 10% of labels) with
-    FLAG, no pre-training and bytes-only runs, and an honest mode beside it."""
+    FLAG (packet-aware and flat), no pre-training, bytes-only and a random forest, an honest
+    mode beside it, and the product mode a shipped model is trained in (80/10/10)."""
     from rich.console import Console
 
     from flagd.evaluate import compare_table
-    from flagd.experiment import Protocol, run_protocol
+    from flagd.experiment import VARIANTS, Protocol, run_protocol
 
+    for p in [*tree, *(unlabelled or [])]:
+        if not p.exists():
+            raise fail(f"{p}: no such file or directory")
     for p in tree:
         if not p.is_dir():
             raise fail(f"{p}: not a directory")
+    bad = set(variant or ()) - set(VARIANTS) or set(mode or ()) - {"paper", "honest", "product"}
+    if bad:
+        raise fail(f"unknown variant or mode: {', '.join(sorted(bad))}", Exit.USAGE)
     proto = Protocol(preset=preset, vocab_size=vocab_size, max_len=max_len,
                      pretrain_epochs=pretrain_epochs, finetune_epochs=finetune_epochs,
                      batch_size=batch_size, seed=seed, pretrain_lr=pretrain_lr,
                      ready_packets=packets, packet_bytes=packet_bytes,
                      finetune_lr=finetune_lr, modes=tuple(mode or ("paper", "honest")),
-                     variants=tuple(variant or ("flag", "no-pretrain", "bytes-only")))
+                     variants=tuple(variant or VARIANTS), packet_aware=packet_aware,
+                     unlabelled=tuple(map(str, unlabelled or ())))
     try:
         proto.flow_settings(honest=True)  # bad K or B: one line now, not a traceback later
     except ValueError as e:
