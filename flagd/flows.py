@@ -3,6 +3,10 @@
 A flow's key is the same in both directions (the lower endpoint first); its client is the sender
 of the first packet seen. The clock is the newest packet timestamp, so replaying a capture is
 deterministic; a live source also ticks the clock from the wall so flows end on a quiet link.
+A flow's `start` and `last` are that clock at its first and latest packet, never a packet's own
+older stamp (a capture whose clock stepped back, or merged out of order): so `last` never moves
+backwards and the LRU order is also the order of `last`, which lets the idle scan stop at the
+first fresh flow.
 Each flow keeps only its first K relevant packets as model bytes, so memory per flow is bounded
 by K and B, and the table itself is bounded by an LRU limit.
 """
@@ -19,6 +23,7 @@ import numpy as np
 
 from flagd.packets import Packets, Skip
 from flagd.preprocess import Preprocessing, RuleTable, model_bytes
+from flagd.reassembly import Reassembler
 
 FIN, SYN, RST, ACK = 0x01, 0x02, 0x04, 0x10
 
@@ -29,13 +34,17 @@ class Expiry(enum.StrEnum):
     IDLE = "idle"  # no packet for idle_timeout
     ACTIVE = "active"  # older than active_timeout
     END = "end"  # TCP FIN both ways or RST, then quiet for closed_timeout (or a new SYN)
-    LIMIT = "limit"  # evicted (least recently used) because the table was full
+    LIMIT = "limit"  # evicted because the table was full (see FlowTable: empty flows first)
     SHUTDOWN = "shutdown"  # the source ended or the daemon stopped
 
 
 @dataclass(frozen=True, slots=True)
 class FlowSettings:
-    idle_timeout: float = 120.0
+    idle_timeout: float = 120.0  # a flow seen in one direction only ends after this quiet time
+    # ... and one both sides have spoken in after this: a conversation (TCP keep-alives, a UDP
+    # session with a slow heartbeat) stays one flow across pauses that end an unanswered one
+    # (Suricata's flow-timeouts: new vs established; conntrack's UDP unreplied vs stream).
+    established_timeout: float = 600.0
     active_timeout: float = 1800.0
     # After FIN both ways or a RST the flow stays open this long, so the last ACKs and
     # retransmitted FIN/RST land in it instead of starting a flow of their own.
@@ -45,7 +54,8 @@ class FlowSettings:
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
 
     def to_dict(self) -> dict:
-        return {"idle_timeout": self.idle_timeout, "active_timeout": self.active_timeout,
+        return {"idle_timeout": self.idle_timeout, "established_timeout": self.established_timeout,
+                "active_timeout": self.active_timeout,
                 "closed_timeout": self.closed_timeout, "max_flows": self.max_flows,
                 "ready_packets": self.ready_packets,
                 "preprocessing": self.preprocessing.to_dict()}
@@ -53,8 +63,8 @@ class FlowSettings:
     @classmethod
     def from_dict(cls, d: dict) -> FlowSettings:
         """The settings a dataset or bundle recorded; keys it lacks keep their defaults."""
-        kw = {k: d[k] for k in ("idle_timeout", "active_timeout", "closed_timeout", "max_flows")
-              if k in d}
+        kw = {k: d[k] for k in ("idle_timeout", "established_timeout", "active_timeout",
+                                "closed_timeout", "max_flows") if k in d}
         return cls(ready_packets=int(d["ready_packets"]),
                    preprocessing=Preprocessing.from_dict(d["preprocessing"]), **kw)
 
@@ -84,6 +94,7 @@ class Flow:
     drop_rule: str | None = None  # first relevance rule that removed one of its packets
     fin_toserver: bool = False
     fin_toclient: bool = False
+    syn_seq: int | None = None  # sequence number of the client's SYN (TCP), to tell a retry
     closed_at: float | None = None
     ready: bool = False
     expiry: Expiry | None = None
@@ -95,17 +106,35 @@ class Flow:
         return "established" if self.pkts_toclient and self.pkts_toserver else "new"
 
 
+# `FlowStats.ended` key for evictions of flows that had no relevant packet yet (SYN-only,
+# handshake-only, all-DNS ...); Expiry.LIMIT counts the evicted flows that carried one. Both are
+# end reasons of distinct flows, so the values still add up to the flows ended, and processes'
+# stats merge by adding keys.
+LIMIT_EMPTY = "limit_empty"
+
+
 @dataclass(slots=True)
 class FlowStats:
     packets: int = 0
     bytes: int = 0
     skipped: dict[str, int] = field(default_factory=dict)  # Skip reason name -> frames
     flows: int = 0  # flows created
-    ended: dict[str, int] = field(default_factory=dict)  # Expiry -> flows
+    ended: dict[str, int] = field(default_factory=dict)  # Expiry (or LIMIT_EMPTY) -> flows
     ready: int = 0
 
     @property
     def evicted(self) -> int:
+        """Flows evicted because the table was full, empty or not."""
+        return self.ended.get(Expiry.LIMIT, 0) + self.ended.get(LIMIT_EMPTY, 0)
+
+    @property
+    def evicted_empty(self) -> int:
+        """Evicted flows without a relevant packet (a SYN flood's): evicted first."""
+        return self.ended.get(LIMIT_EMPTY, 0)
+
+    @property
+    def evicted_payload(self) -> int:
+        """Evicted flows that had a relevant packet: only when no empty flow was left."""
         return self.ended.get(Expiry.LIMIT, 0)
 
 
@@ -122,7 +151,8 @@ def _flow_id(key: bytes, start: float) -> int:
 
 def flow_keys(p: Packets, rows: np.ndarray) -> tuple[list[bytes], np.ndarray]:
     """Direction-independent keys for the given rows, and whether each packet's source is the
-    key's high endpoint. Key: version, proto, low port, high port, low address, high address."""
+    key's high endpoint. Key: version, proto, low port, high port, low address, high address,
+    VLAN ids (last, so the first 38 bytes are the 5-tuple's)."""
     src, dst = p.src[rows], p.dst[rows]
     sport, dport = p.sport[rows], p.dport[rows]
     s = src.view(">u8")  # (m, 2) big-endian halves compare like the bytes do
@@ -131,7 +161,7 @@ def flow_keys(p: Packets, rows: np.ndarray) -> tuple[list[bytes], np.ndarray]:
         (s[:, 0] == d[:, 0]) & ((s[:, 1] > d[:, 1]) | ((s[:, 1] == d[:, 1]) & (sport > dport)))
     )
     m = len(rows)
-    key = np.empty((m, 38), np.uint8)
+    key = np.empty((m, 42), np.uint8)
     key[:, 0] = p.version[rows]
     key[:, 1] = p.proto[rows]
     lo_port = np.where(src_high, dport, sport).astype(">u2")
@@ -141,20 +171,35 @@ def flow_keys(p: Packets, rows: np.ndarray) -> tuple[list[bytes], np.ndarray]:
     high = src_high[:, None]
     key[:, 6:22] = np.where(high, dst, src)
     key[:, 22:38] = np.where(high, src, dst)
-    # Fixed-width rows: 'S38' drops trailing NULs, which keeps keys distinct at one width.
-    return key.view("S38").ravel().tolist(), src_high
+    key[:, 38:42] = p.vlan[rows].astype(">u4").view(np.uint8).reshape(m, 4)
+    # Fixed-width rows: 'S42' drops trailing NULs, which keeps keys distinct at one width.
+    return key.view("S42").ravel().tolist(), src_high
 
 
 class FlowTable:
-    """Bounded, LRU-ordered bidirectional flow table. Not thread-safe: one thread feeds it."""
+    """Bounded, LRU-ordered bidirectional flow table. Not thread-safe: one thread feeds it.
+
+    When the table is full a new flow evicts the least recently seen flow *without a relevant
+    packet yet* (a SYN or handshake alone, or only rule-removed packets), and only when there is
+    none the least recently seen flow of all: a flood of new flows that never carry payload (a
+    SYN flood) churns through its own kind and leaves the real conversations alone.
+    """
 
     def __init__(self, settings: FlowSettings | None = None) -> None:
         self.settings = settings or FlowSettings()
         self.rules = RuleTable.compile(self.settings.preprocessing.rules)
         self.flows: OrderedDict[bytes, Flow] = OrderedDict()  # least recently seen first
+        # The flows of `flows` with no relevant packet yet, in the same LRU order: evicted first.
+        self.empty: OrderedDict[bytes, Flow] = OrderedDict()
+        # The flows of `flows` seen in one direction only, in the same LRU order: the shorter
+        # idle timeout applies to them, so the idle scan walks them on their own.
+        self.oneway: OrderedDict[bytes, Flow] = OrderedDict()
         self.closing: deque[Flow] = deque()  # flows that saw FIN both ways or RST
         self.now = 0.0  # newest timestamp seen (or ticked)
         self.stats = FlowStats()
+        # IP fragments become whole datagrams before they are metered (as the kernel does for
+        # `--workers N`); its discards are counted with the decoder's skips.
+        self.reassembler = Reassembler(skipped=self.stats.skipped)
         self._out: list[FlowUpdate] = []
 
     def __len__(self) -> int:
@@ -163,6 +208,8 @@ class FlowTable:
     def add(self, p: Packets) -> list[FlowUpdate]:
         """Account a batch of decoded packets; return the flows that became ready or ended."""
         st = self.stats
+        if self.reassembler.pending or p.frag.any():
+            p = self.reassembler.feed(p, self.now)
         counts = np.bincount(p.skip, minlength=len(Skip))
         for reason in Skip:
             if reason and counts[reason]:
@@ -185,44 +232,70 @@ class FlowTable:
         # rare cases (new flow, expiry, FIN/RST, first K packets) behind cheap tests.
         s = self.settings
         idle, active, closed_to, k_ready = s.idle_timeout, s.active_timeout, s.closed_timeout, s.ready_packets
+        est = s.established_timeout
         flows, get, touch = self.flows, self.flows.get, self.flows.move_to_end
+        empty, touch_empty = self.empty, self.empty.move_to_end
+        oneway, touch_oneway = self.oneway, self.oneway.move_to_end
         names = self.rules.names
         now = self.now
         columns = zip(range(len(keys)), keys, p.ts[rows].tolist(), src_high,
                       p.tcp_flags[rows].tolist(), codes, wirelen, strict=True)
         for j, key, t, high, fl, code, size in columns:
+            # Flows are timed on the table's clock `now`, which never goes backwards (see the
+            # module docstring), not on `t`.
             if t > now:
                 now = t
             f = get(key)
             if f is not None:
-                if (t - f.last > idle or t - f.start > active
-                        or f.closed_at is not None and (t - f.last > closed_to or (fl & (SYN | ACK)) == SYN)):
-                    self._end(f, Expiry.IDLE if t - f.last > idle else
-                              Expiry.ACTIVE if t - f.start > active else Expiry.END)
+                quiet = now - f.last
+                stale = quiet > (est if f.pkts_toclient else idle)
+                if (stale or now - f.start > active
+                        or f.closed_at is not None and (
+                            quiet > closed_to
+                            or (fl & (SYN | ACK)) == SYN and self._seq(p, rows[j]) != f.syn_seq)):
+                    self._end(f, Expiry.IDLE if stale else
+                              Expiry.ACTIVE if now - f.start > active else Expiry.END)
                     f = None
                 else:
                     touch(key)
+                    if not f.relevant:
+                        touch_empty(key)
+                    if not f.pkts_toclient:
+                        touch_oneway(key)
             if f is None:
                 if len(flows) >= s.max_flows:
-                    self._end(next(iter(flows.values())), Expiry.LIMIT)
-                f = self._new(p, int(rows[j]), key, high, t)
-            gap, f.last = t - f.last, t
+                    self._end(next(iter((empty or flows).values())), Expiry.LIMIT)
+                f = self._new(p, int(rows[j]), key, high, now)
+            gap, f.last = now - f.last, now
             if high == f.client_is_high:
                 f.pkts_toserver += 1
                 f.bytes_toserver += size
             else:
+                if not f.pkts_toclient:
+                    del oneway[key]
                 f.pkts_toclient += 1
                 f.bytes_toclient += size
+            if (fl & (SYN | ACK)) == SYN and f.syn_seq is None and high == f.client_is_high:
+                f.syn_seq = self._seq(p, rows[j])
             if fl & (FIN | RST) and f.closed_at is None:  # TCP only: UDP rows have no flags
-                self._closing(f, fl, high == f.client_is_high, t)
+                self._closing(f, fl, high == f.client_is_high, now)
             if code:
                 if f.drop_rule is None:
                     f.drop_rule = names[code - 1]
             else:
+                if not f.relevant:
+                    del empty[key]
                 if f.relevant < k_ready:
                     self._keep(f, p, int(rows[j]), (int(high != f.client_is_high), size, gap))
                 f.relevant += 1
         self.now = now
+
+    @staticmethod
+    def _seq(p: Packets, i: int) -> int:
+        """TCP sequence number of row i. A SYN on a closed flow is port reuse (a new flow) unless
+        it repeats the flow's first SYN: a client retrying after a RST is the same attempt."""
+        at = int(p.l4_off[i]) + 4
+        return int.from_bytes(p.frames.data[at:at + 4].tobytes())
 
     def _closing(self, f: Flow, flags: int, to_server: bool, t: float) -> None:
         if flags & RST:
@@ -248,26 +321,37 @@ class FlowTable:
             self.stats.ready += 1
             self._out.append((READY, f))
 
-    def _new(self, p: Packets, i: int, key: bytes, src_high: bool, t: float) -> Flow:
+    def _new(self, p: Packets, i: int, key: bytes, src_high: bool, now: float) -> Flow:
         self.stats.flows += 1
         f = Flow(
-            key=key, flow_id=_flow_id(key, t), version=int(p.version[i]), proto=int(p.proto[i]),
+            key=key, flow_id=_flow_id(key, now), version=int(p.version[i]), proto=int(p.proto[i]),
             client=p.src[i].tobytes(), server=p.dst[i].tobytes(),
             client_port=int(p.sport[i]), server_port=int(p.dport[i]),
-            start=t, last=t, client_is_high=src_high,
+            start=now, last=now, client_is_high=src_high,
         )
         self.flows[key] = f
+        self.empty[key] = f
+        self.oneway[key] = f
         return f
 
     def _end(self, f: Flow, reason: Expiry) -> None:
         del self.flows[f.key]
+        counted: str = reason
+        if not f.pkts_toclient:
+            del self.oneway[f.key]
+        if not f.relevant:
+            del self.empty[f.key]
+            if reason == Expiry.LIMIT:
+                counted = LIMIT_EMPTY
         f.expiry = reason
-        self.stats.ended[reason] = self.stats.ended.get(reason, 0) + 1
+        self.stats.ended[counted] = self.stats.ended.get(counted, 0) + 1
         self._out.append((END, f))
 
     def _sweep(self) -> None:
         """End flows idle past their timeout at the current clock (oldest first)."""
         now, s = self.now, self.settings
+        if self.reassembler.pending:
+            self.reassembler.expire(now)
         while self.closing:
             f = self.closing[0]
             if f.expiry is not None:  # already ended for another reason
@@ -280,11 +364,13 @@ class FlowTable:
                 break
             else:
                 break
-        for f in list(self._stale(now - s.idle_timeout)):
-            self._end(f, Expiry.IDLE)
+        for flows, timeout in ((self.oneway, s.idle_timeout), (self.flows, s.established_timeout)):
+            for f in list(self._stale(flows, now - timeout)):
+                self._end(f, Expiry.IDLE)
 
-    def _stale(self, cutoff: float):
-        for f in self.flows.values():
+    @staticmethod
+    def _stale(flows: OrderedDict[bytes, Flow], cutoff: float):
+        for f in flows.values():
             if f.last >= cutoff:
                 return
             yield f
@@ -298,6 +384,7 @@ class FlowTable:
 
     def flush(self, reason: Expiry = Expiry.SHUTDOWN) -> list[FlowUpdate]:
         """End every open flow (end of a capture, or shutdown)."""
+        self.reassembler.flush()
         for f in list(self.flows.values()):
             self._end(f, Expiry.END if f.closed_at is not None else reason)
         self.closing.clear()

@@ -38,8 +38,12 @@ class Skip(enum.IntEnum):
     UNKNOWN_LINK = 2  # link type flagd does not decode
     NON_IP = 3  # ARP, LLDP, ... (after VLAN tags)
     BAD_IP = 4  # bad version, header length or total length
-    FRAGMENT = 5  # IPv4/IPv6 fragment other than the first (no ports)
+    FRAGMENT = 5  # IPv4/IPv6 fragment other than the first (no ports); see flagd/reassembly.py
     OTHER_PROTO = 6  # ICMP, IGMP, ESP, GRE, ... (not TCP/UDP)
+    # Set by flagd/reassembly.py, never by decode: fragments of TCP/UDP datagrams it gave up on
+    FRAG_OVERLAP = 7  # overlapping (or repeated) fragments: the datagram is discarded
+    FRAG_TIMEOUT = 8  # the datagram was still incomplete after the reassembly timeout
+    FRAG_LIMIT = 9  # too many fragments or pending datagrams, or a datagram over 64 KiB
 
 
 @dataclass(slots=True)
@@ -68,6 +72,11 @@ class Packets:
     l4_hdr_len: np.ndarray  # uint8 TCP data offset * 4, or 8 for UDP
     payload_len: np.ndarray  # int32 transport payload bytes on the wire (from IP lengths)
     wirelen: np.ndarray  # int32 (same as frames.wirelen)
+    # bool: an IPv4/IPv6 fragment (the first one too) whose IP header was read whole
+    frag: np.ndarray
+    # uint32 VLAN ids of the first two 802.1Q/ad tags, outer << 12 | inner (0: untagged): part of
+    # the flow key, as in Suricata and NFStream (one 5-tuple on two VLANs is two flows)
+    vlan: np.ndarray
 
     def __len__(self) -> int:
         return len(self.skip)
@@ -76,9 +85,15 @@ class Packets:
 ETH_IPV4 = 0x0800
 ETH_IPV6 = 0x86DD
 VLAN_TAGS = (0x8100, 0x88A8, 0x9100)  # 802.1Q, 802.1ad (QinQ), and the pre-standard QinQ type
-MAX_VLAN_TAGS = 8  # deeper stacks are not real traffic: NON_IP
+MPLS = (0x8847, 0x8848)  # unicast, multicast: 4-byte label entries, IP after the bottom one
+MAX_VLAN_TAGS = 8  # deeper stacks (VLAN tags and MPLS labels together) are not real traffic: NON_IP
+LINKTYPE_C_HDLC = 104  # Cisco HDLC: address, control, then an ethertype (router captures)
 PROTO_TCP = 6
 PROTO_UDP = 17
+# IP-in-IP (RFC 2003) and IPv6-in-IP (6in4, RFC 4213; 6in6, RFC 2473): the inner packet is the
+# flow, its outer header a link layer. Deeper nesting than this is left as OTHER_PROTO.
+PROTO_IPIP, PROTO_IPV6 = 4, 41
+MAX_IP_IN_IP = 3
 # IPv6 extension headers walked to reach the transport (all but fragment and AH use (len+1)*8)
 IPV6_HOPOPTS, IPV6_ROUTING, IPV6_FRAGMENT, IPV6_AH, IPV6_DSTOPTS = 0, 43, 44, 51, 60
 IPV6_EXT = (IPV6_HOPOPTS, IPV6_ROUTING, IPV6_FRAGMENT, IPV6_AH, IPV6_DSTOPTS, 135, 139, 140)
@@ -91,6 +106,7 @@ _ETHERTYPE_LINKS = (
     (LINKTYPE_ETHERNET, 14, 12),
     (LINKTYPE_LINUX_SLL, 16, 14),
     (LINKTYPE_LINUX_SLL2, 20, 0),
+    (LINKTYPE_C_HDLC, 4, 2),
 )
 
 
@@ -119,6 +135,8 @@ def decode(frames: Frames) -> Packets:
         l4_hdr_len=np.zeros(n, np.uint8),
         payload_len=np.zeros(n, np.int32),
         wirelen=frames.wirelen,
+        frag=np.zeros(n, bool),
+        vlan=np.zeros(n, np.uint32),
     )
     if n == 0:
         return out
@@ -130,6 +148,19 @@ def decode(frames: Frames) -> Packets:
     ip_len = np.zeros(n, np.int64)
     _ipv4(data, end, wire_ip, np.flatnonzero(net == 4), out, ip_len)
     _ipv6(data, end, wire_ip, np.flatnonzero(net == 6), out, ip_len)
+    for _ in range(MAX_IP_IN_IP):
+        inner = np.flatnonzero((out.skip == Skip.OK) & ~out.frag
+                               & ((out.proto == PROTO_IPIP) | (out.proto == PROTO_IPV6)))
+        if not len(inner):
+            break
+        four = out.proto[inner] == PROTO_IPIP
+        out.ip_off[inner] = out.l4_off[inner]
+        out.ip_caplen[inner] = (end[inner] - out.ip_off[inner]).astype(np.int32)
+        wire_ip[inner] = frames.wirelen[inner].astype(np.int64) - (out.ip_off[inner] - start[inner])
+        out.src[inner] = 0
+        out.dst[inner] = 0
+        _ipv4(data, end, wire_ip, inner[four], out, ip_len)
+        _ipv6(data, end, wire_ip, inner[~four], out, ip_len)
     # IP payload for every parsed header (fragments too); TCP/UDP then take their header off
     ok = out.l4_off >= 0
     out.payload_len[ok] = np.maximum(ip_len[ok] - (out.l4_off[ok] - out.ip_off[ok]), 0)
@@ -165,14 +196,29 @@ def _link(
         nxt.append(start[idx] + hdr)
     if rec:
         idx, et, pos = np.concatenate(rec), np.concatenate(etype), np.concatenate(nxt)
-        for _ in range(MAX_VLAN_TAGS):
+        for depth in range(MAX_VLAN_TAGS):
+            lab = np.flatnonzero(np.isin(et, MPLS))
+            if len(lab):
+                # one label entry per round; after the bottom of the stack (S bit) the version
+                # nibble says what follows (a pseudowire's Ethernet is not decoded: NON_IP)
+                cut = pos[lab] + 5 > end[idx[lab]]
+                et[lab[cut]] = -1
+                lab = lab[~cut]
+                bottom = (data[pos[lab] + 2] & 1) == 1
+                ver = data[pos[lab] + 4] >> 4
+                after = np.where(ver == 4, ETH_IPV4, np.where(ver == 6, ETH_IPV6, 0))
+                et[lab] = np.where(bottom, after, et[lab])
+                pos[lab] += 4
             tag = np.flatnonzero(np.isin(et, VLAN_TAGS))
-            if not len(tag):
+            if not len(tag) and not len(lab):
                 break
-            # a tag is TCI (2 bytes) then the next ethertype (2 bytes)
+            # a tag is TCI (2 bytes: the VLAN id in its low 12 bits) then the next ethertype
             cut = pos[tag] + 4 > end[idx[tag]]
             et[tag[cut]] = -1
             tag = tag[~cut]
+            if depth < 2:
+                vid = (_u16(data, pos[tag]) & 0x0FFF).astype(np.uint32)
+                out.vlan[idx[tag]] = (out.vlan[idx[tag]] << 12) | vid
             et[tag] = _u16(data, pos[tag] + 2)
             pos[tag] += 4
         skip[idx] = np.where(et == -1, Skip.TRUNCATED, Skip.NON_IP)
@@ -257,9 +303,10 @@ def _ipv4(
     ip_len[idx] = np.where(tot >= ihl, np.minimum(tot, wire), wire)
     out.l4_off[idx] = p + ihl
     out.skip[idx[ihl > end[idx] - p]] = Skip.TRUNCATED  # options cut by the snaplen
-    # Only the fragment at offset 0 carries the transport header.
-    frag = (_u16(data, p + 6) & 0x1FFF) != 0
-    out.skip[idx[frag]] = Skip.FRAGMENT
+    # Only the fragment at offset 0 carries the transport header; MF or an offset: a fragment.
+    fo = _u16(data, p + 6)
+    out.frag[idx[(fo & 0x3FFF) != 0]] = True
+    out.skip[idx[(fo & 0x1FFF) != 0]] = Skip.FRAGMENT
 
 
 def _ipv6(
@@ -303,6 +350,7 @@ def _ipv6(
         out.skip[idx[act[cut]]] = Skip.TRUNCATED
         out.proto[idx[act[cut]]] = h[cut]
         act, h, q, is_frag = act[~cut], h[~cut], q[~cut], is_frag[~cut]
+        out.frag[idx[act[is_frag]]] = True
         later = np.zeros(len(act), bool)
         later[is_frag] = (_u16(data, q[is_frag] + 2) & 0xFFF8) != 0
         out.skip[idx[act[later]]] = Skip.FRAGMENT

@@ -91,7 +91,7 @@ def test_ready_after_k_relevant_packets_and_handed_on_before_the_end():
 
 
 def test_idle_timeout_splits_and_sweeps():
-    table = FlowTable(FlowSettings(idle_timeout=10))
+    table = FlowTable(FlowSettings(idle_timeout=10, established_timeout=10))
     out = table.add(decode(frames([tcp(0), back(1), tcp(20), tcp(21, sport=41000)])))
     ends = ended(out)
     assert [f.expiry for f in ends] == [Expiry.IDLE]
@@ -99,6 +99,49 @@ def test_idle_timeout_splits_and_sweeps():
     out = table.tick(100.0)
     assert sorted(f.expiry for f in ended(out)) == [Expiry.IDLE, Expiry.IDLE]
     assert len(table) == 0
+
+
+def test_a_two_way_flow_outlives_the_one_way_idle_timeout():
+    # one-way flows end after idle_timeout; conversations only after established_timeout
+    table = FlowTable(FlowSettings(idle_timeout=10, established_timeout=60))
+    table.add(decode(frames([tcp(0), back(1), tcp(2, sport=41000)])))
+    assert {f.client_port for _, f in table.tick(30)} == {41000}
+    out = table.add(decode(frames([tcp(40), back(41)])))  # the pause did not split it
+    assert out == [] and len(table) == 1
+    (f,) = ended(table.tick(102))
+    assert f.expiry == Expiry.IDLE and (f.pkts_toserver, f.pkts_toclient) == (2, 2)
+
+
+def test_clock_going_backwards_keeps_expiry_on_time():
+    # A capture whose clock steps back: the packet stamped 1 counts as seen at the table's clock
+    # (100), so `last` never goes backwards and the LRU order stays the order of `last`. Before,
+    # X's last became 1 behind the fresh Y, and the idle scan stopped at Y and never reached X.
+    table = FlowTable(FlowSettings(idle_timeout=120, established_timeout=120))
+    table.add(decode(frames([tcp(0), tcp(100, sport=41000), tcp(1)])))
+    table.tick(125)
+    assert all(table.now - f.last <= 120 for f in table.flows.values()) and len(table) == 2
+    lasts = [f.last for f in table.flows.values()]
+    assert lasts == sorted(lasts) == [100, 100]
+    assert ended(table.tick(220)) == []
+    out = ended(table.tick(220.5))
+    assert sorted(f.client_port for f in out) == [40000, 41000]
+    (x,) = [f for f in out if f.client_port == 40000]
+    assert x.pkts_toserver == 2 and x.start == 0 and x.last == 100 and x.sides[1][2] == 100
+
+
+def test_clock_stepping_back_an_hour_still_expires_flows_on_the_tables_clock():
+    # a capture concatenated from two runs, the second an hour earlier: the first run's flows
+    # end once the table's clock (the newest stamp) passes their idle timeout, the second run's
+    # flows are timed on that clock too, and nothing ends early (active timeout included)
+    first = [tcp(3600 + i, sport=30000 + i) for i in range(5)]
+    second = [tcp(i, sport=40000 + i % 3) for i in range(0, 300, 10)]
+    table = FlowTable(FlowSettings(idle_timeout=120, established_timeout=120, active_timeout=200))
+    out = table.add(decode(frames(first + second)))
+    assert ended(out) == [] and len(table) == 8
+    assert all(f.last <= table.now for f in table.flows.values())
+    out = ended(table.tick(3604 + 121))
+    assert sorted(f.client_port for f in out) == list(range(30000, 30005)) + [40000, 40001, 40002]
+    assert sum(f.pkts_toserver for f in out) == 35
 
 
 def test_active_timeout():
@@ -124,13 +167,58 @@ def test_rst_then_new_syn_starts_a_new_flow():
     assert fl[1].pkts_toserver == 1 and fl[1].pkts_toclient == 1
 
 
+def _syn(t, seq):
+    return t, IP(src=C, dst=S) / TCP(sport=40000, dport=443, flags="S", seq=seq)
+
+
+def test_syn_retried_after_rst_stays_one_flow_but_a_new_isn_is_port_reuse():
+    rst = back(0.1, flags="RA", data=b"")
+    _, out = run([_syn(0, 1000), rst, _syn(1.0, 1000), back(1.1, flags="RA", data=b""),
+                  _syn(3.0, 1000), back(3.1, flags="RA", data=b"")])
+    (f,) = ended(out)
+    assert (f.pkts_toserver, f.pkts_toclient) == (3, 3) and f.expiry == Expiry.END
+    _, out = run([_syn(0, 1000), rst, _syn(1.0, 5000), back(1.1, flags="SA", data=b"")])
+    assert [(f.pkts_toserver, f.pkts_toclient) for f in ended(out)] == [(1, 1), (1, 1)]
+
+
+def test_one_five_tuple_on_two_vlans_is_two_flows():
+    from scapy.layers.l2 import Dot1Q
+    pk = [ETH / Dot1Q(vlan=v) / IP(src=C, dst=S) / UDP(sport=5000, dport=6000) / b"x"
+          for v in (300, 50, 300)]
+    table = FlowTable()
+    table.add(decode(Frames.from_records([(i, bytes(p), len(p), LINKTYPE_ETHERNET)
+                                          for i, p in enumerate(pk)])))
+    assert sorted(f.pkts_toserver for f in table.flows.values()) == [1, 2]
+
+
 def test_table_is_bounded_with_lru_eviction():
     pk = [tcp(i * 0.01, sport=10000 + i) for i in range(10)] + [tcp(0.2, sport=10000)]
     table = FlowTable(FlowSettings(max_flows=4))
     out = table.add(decode(frames(pk)))
     assert len(table) == 4
-    assert table.stats.evicted == 7
+    assert table.stats.evicted == table.stats.evicted_payload == 7
     assert all(f.expiry == Expiry.LIMIT for f in ended(out))
+
+
+def test_full_table_evicts_flows_without_payload_first():
+    # two real flows with payload, then a SYN flood: the SYN-only flows evict each other
+    real = [tcp(0.0, sport=20000), tcp(0.01, sport=20001)]
+    syns = [tcp(0.1 + i * 0.01, sport=30000 + i, flags="S", data=b"") for i in range(50)]
+    later = [tcp(1.0, sport=20000), tcp(1.01, sport=20001)]
+    table = FlowTable(FlowSettings(max_flows=5))
+    out = table.add(decode(frames(real + syns + later)))
+    assert {f.client_port for f in table.flows.values()} >= {20000, 20001}
+    assert table.flows[next(k for k, f in table.flows.items() if f.client_port == 20000)].pkts_toserver == 2
+    st = table.stats
+    assert st.evicted_empty == st.evicted == 47 and st.evicted_payload == 0
+    assert all(f.relevant == 0 for f in ended(out))
+    assert sum(st.ended.values()) == len(ended(out))
+    # six flows with payload: the three SYN-only flows left go first, then (none empty left)
+    # the least recently seen flows of all: the two real ones and the first newcomer
+    more = [tcp(2.0 + i * 0.01, sport=40000 + i) for i in range(6)]
+    out = ended(table.add(decode(frames(more))))
+    assert [f.client_port for f in out if f.relevant] == [20000, 20001, 40000]
+    assert (st.evicted_empty, st.evicted_payload, len(table)) == (50, 3, 5)
 
 
 def test_irrelevant_flow_records_rule_and_keeps_no_bytes():
