@@ -43,7 +43,7 @@ from flagd.lab.record import (
     write_pcap,
 )
 from flagd.lab.topology import SERVER_ADDR, build_lab, is_lab_address, lab_namespaces, reap_stale
-from flagd.lab.tunnel import OpenVpn, WireGuard
+from flagd.lab.tunnel import Ipsec, OpenVpn, WireGuard
 from flagd.packets import decode
 from flagd.pcapfile import read_capture
 from tests import crafted
@@ -111,7 +111,7 @@ class EchoTls(App):
         wait_tcp(ctx.lab, port, proc=proc)
         ctx.shared[self.name] = port
 
-    def params(self, rng, seconds):
+    def params(self, rng, seconds, budget_mbit=None):
         return {"messages": rng.randint(5, 15)}
 
     def session(self, ctx, client, params):
@@ -336,7 +336,9 @@ def test_generate_with_parallel_clients(tmp_path, stand_in):
 
 
 @netns
-@pytest.mark.parametrize("tunnel", [WireGuard, OpenVpn], ids=["wireguard", "openvpn"])
+@pytest.mark.parametrize(
+    "tunnel", [WireGuard, OpenVpn, Ipsec], ids=["wireguard", "openvpn", "ipsec"]
+)
 def test_vpn_sessions_show_only_the_tunnel(tmp_path, stand_in, tunnel):
     gone = doctor.missing(tunnel.programs)
     if gone:
@@ -359,6 +361,14 @@ def test_vpn_sessions_show_only_the_tunnel(tmp_path, stand_in, tunnel):
         first = frames[0].data[int(pk.l4_off[i]) + 8]
         if tunnel is WireGuard:  # handshake initiation: message type 1, 148 bytes
             assert first == 1 and pk.payload_len[i] == 148
+        elif tunnel is Ipsec:  # on port 4500 from the start: non-ESP marker, IKE_SA_INIT (34)
+            ike = frames[0].data[int(pk.l4_off[i]) + 8 : int(pk.l4_off[i]) + 8 + 24].tobytes()
+            assert ike[:4] == b"\0\0\0\0" and ike[4 + 18] == 34
+            udp = np.flatnonzero(pk.skip == 0)
+            spis = [frames[0].data[int(pk.l4_off[k]) + 8 : int(pk.l4_off[k]) + 12].tobytes()
+                    for k in udp]  # fmt: skip
+            assert sum(spi != b"\0\0\0\0" for spi in spis) >= 10  # ESP in the same flow
+            assert s["params"]["tunnel_ike"] and s["params"]["tunnel_esp"]
         else:  # P_CONTROL_HARD_RESET_CLIENT_V2 (opcode 7) or _V3 (opcode 10), key id 0
             assert first >> 3 in (7, 10)
     for s in plain:
@@ -391,6 +401,102 @@ def test_flagd_run_on_the_lab_link_reports_every_session(tmp_path, stand_in):
     for s in doc["sessions"]:
         (f,) = s["flows"]
         assert frozenset({(f["src"], f["sport"]), (f["dst"], f["dport"])}) in seen, s["id"]
+
+
+class LinkProbe(EchoTls):
+    """The echo, after writing down what its own link looks like mid-session: MTU, qdisc and
+    the route to the server (with its congestion control), keyed by a drawn tag."""
+
+    label = "test-probe"
+    name = "link-probe"
+    seen: Path
+
+    def params(self, rng, seconds, budget_mbit=None):
+        return {**super().params(rng, seconds), "tag": rng.randrange(1 << 30)}
+
+    def session(self, ctx, client, params):
+        run = ctx.lab.run
+        link = run(client.ns, ["ip", "-o", "link", "show", "dev", client.ifname]).stdout
+        qdisc = run(client.ns, ["tc", "qdisc", "show", "dev", client.ifname]).stdout
+        route = run(client.ns, ["ip", "route", "show", "exact", "203.0.113.0/24"]).stdout
+        back = run(ctx.lab.server, ["ip", "route", "show", "exact", client.subnet]).stdout
+        with open(self.seen, "a") as fh:
+            fh.write(json.dumps({"tag": params["tag"], "link": link, "qdisc": qdisc,
+                                 "route": route, "back": back}) + "\n")  # fmt: skip
+        return super().session(ctx, client, params)
+
+
+@netns
+def test_each_session_runs_under_its_own_conditions(tmp_path, monkeypatch, stand_in):
+    """Two clients, sessions interleaved: each session's link had the MTU, rate and congestion
+    control its record names (both routes), and every link is plain again afterwards."""
+    from flagd.lab import conditions
+
+    LinkProbe.seen = tmp_path / "seen.jsonl"
+    monkeypatch.setitem(apps.APPS, LinkProbe.name, LinkProbe)
+    monkeypatch.setitem(apps.CLASSES, LinkProbe.label, [LinkProbe.name])
+    after = {}
+    real_reset = conditions.reset
+
+    def reset(lab, client, rate_mbit):  # what the link looks like once a session is over
+        real_reset(lab, client, rate_mbit)
+        after[client.index] = (
+            lab.run(client.ns, ["ip", "-o", "link", "show", "dev", client.ifname]).stdout,
+            lab.run(client.ns, ["ip", "route", "show", "exact", "203.0.113.0/24"]).stdout,
+            lab.run(lab.server, ["ip", "route", "show", "exact", client.subnet]).stdout,
+        )
+
+    monkeypatch.setattr(conditions, "reset", reset)
+    doc = generate(Settings(out=tmp_path / "run", classes=("test-probe",), sessions=6,
+                            clients=2, seed=11))  # fmt: skip
+    seen = {r["tag"]: r for r in map(json.loads, LinkProbe.seen.read_text().splitlines())}
+    assert doc["settings"]["conditions"] == "random"
+    assert doc["lab"]["netem"] in (True, False) and "cubic" in doc["lab"]["congestion"]
+    assert len({s["conditions"]["mtu"] for s in doc["sessions"]}) > 1
+    for s in doc["sessions"]:
+        assert s["valid"], s
+        c, probe = s["conditions"], seen[s["params"]["tag"]]
+        assert 1280 <= c["mtu"] <= 1500 and f"mtu {c['mtu']} " in probe["link"]
+        assert 1 <= c["rate_mbit"] <= 100 and c["congestion"] in doc["lab"]["congestion"]
+        assert f"congctl {c['congestion']}" in probe["route"]
+        assert f"congctl {c['congestion']}" in probe["back"]
+        if doc["lab"]["netem"]:
+            assert "netem" in probe["qdisc"] and 1 <= c["delay_ms"] <= 150
+            assert 0 <= c["loss_pct"] <= 2
+        else:  # this kernel has no sch_netem: tbf, and the record says no delay or loss
+            assert "tbf" in probe["qdisc"]
+            assert c["delay_ms"] == c["jitter_ms"] == c["loss_pct"] == 0
+    assert sorted(after) == [0, 1]
+    for link, route, back in after.values():
+        assert " mtu 1500 " in link and "congctl" not in route + back
+
+
+def test_conditions_are_drawn_in_their_ranges_and_none_draws_nothing(stand_in):
+    from flagd.lab import conditions
+    from flagd.lab.conditions import Conditions
+
+    rng = random.Random(0)
+    drawn = [conditions.draw(rng, ("cubic", "bbr", "reno")) for _ in range(400)]
+    assert all(1 <= c.delay_ms <= 150 and 0 <= c.jitter_ms <= c.delay_ms / 4 for c in drawn)
+    assert all(0 <= c.loss_pct <= 2 and 1 <= c.rate_mbit <= 100 for c in drawn)
+    assert all(1280 <= c.mtu <= 1500 for c in drawn)
+    assert {c.congestion for c in drawn} == {"cubic", "bbr", "reno"}
+    assert 0.3 < sum(c.loss_pct == 0 for c in drawn) / 400 < 0.7
+    assert Conditions.from_dict(drawn[0].to_dict()) == drawn[0]
+    # a lossy long path moves far less than its link rate: apps size their transfers to that
+    slow = Conditions(150.0, 0.0, 2.0, 100.0, 1500, "cubic")
+    assert slow.budget_mbit < 0.5 and drawn[0].without_netem().loss_pct == 0
+    assert Conditions(10.0, 1.0, 0.0, 7.5, 1400, "bbr").budget_mbit == 7.5
+    argv = conditions.netem_argv("out", Conditions(40.0, 5.0, 0.5, 20.0, 1400, "bbr"))
+    assert argv[:7] == ["tc", "qdisc", "replace", "dev", "out", "root", "netem"]
+    assert argv[9:] == ["delay", "40.0ms", "5.0ms", "loss", "random", "0.5%", "rate", "20.0mbit"]
+    settings = Settings(out=Path("/x"), classes=("test-echo",), sessions=8, seed=2)
+    plain = plan(replace(settings, conditions="none"), ("cubic", "bbr"))
+    assert all(j.conditions is None for j in plain)
+    assert [(j.id, j.params) for j in plain] == [
+        (j.id, j.params) for j in plan(replace(settings, conditions="none"), ("reno",))
+    ]
+    assert all(j.conditions is not None for j in plan(settings, ("cubic",)))
 
 
 def test_plan_is_deterministic_and_interleaved(stand_in):
@@ -460,7 +566,7 @@ def test_unknown_class_and_unbuilt_tunnel_are_errors(tmp_path):
     runner = CliRunner()
     res = runner.invoke(lab_app, ["generate", "--out", str(tmp_path), "--classes", "gaming"])
     assert res.exit_code == Exit.ERROR and "unknown class 'gaming'" in res.output
-    res = runner.invoke(lab_app, ["generate", "--out", str(tmp_path), "--tunnel", "ipsec"])
+    res = runner.invoke(lab_app, ["generate", "--out", str(tmp_path), "--tunnel", "gre"])
     assert res.exit_code == Exit.ERROR and "not available yet" in res.output
 
 

@@ -64,10 +64,10 @@ def doctor(
     from flagd.lab.apps import APPS, CLASSES
     from flagd.lab.doctor import REQUIREMENTS, diagnose
     from flagd.lab.topology import netns_unavailable
-    from flagd.lab.tunnel import OpenVpn, WireGuard
+    from flagd.lab.tunnel import Ipsec, OpenVpn, WireGuard
 
     needs = {label: [(n, APPS[n].programs) for n in names] for label, names in CLASSES.items()}
-    needs["vpn-*"] = [(t.name, t.programs) for t in (WireGuard, OpenVpn)]
+    needs["vpn-*"] = [(t.name, t.programs) for t in (WireGuard, OpenVpn, Ipsec)]
     report = diagnose(needs)
     if install and report.apt:
         typer.echo(f"installing: {report.apt}")
@@ -107,7 +107,7 @@ def generate(
         str,
         typer.Option(
             "--tunnel",
-            help="Comma-separated tunnel modes: none, wireguard, openvpn.",
+            help="Comma-separated tunnel modes: none, wireguard, openvpn, ipsec.",
         ),
     ] = "none",
     sessions: Annotated[
@@ -131,6 +131,14 @@ def generate(
     keep_packets: Annotated[
         int, typer.Option("--keep-packets", min=0, help="Packets per flow kept on disk (0: all).")
     ] = 1000,
+    conditions: Annotated[
+        str,
+        typer.Option(
+            "--conditions",
+            help="Network conditions per session: random (delay, jitter, loss, rate, MTU, TCP "
+            "congestion control drawn from the seed) or none (a plain link, as older runs).",
+        ),
+    ] = "random",
 ) -> None:
     """Run client sessions against real servers and write one labelled capture per session."""
     from flagd.lab.apps import CLASSES
@@ -150,6 +158,7 @@ def generate(
         clients=clients,
         random_ports=random_ports,
         keep_packets=keep_packets,
+        conditions=conditions,
     )
 
     def progress(rec: dict) -> None:

@@ -31,6 +31,11 @@ def _which(name: str) -> Callable[[], bool]:
     return lambda: shutil.which(name) is not None or shutil.which(name, path=path) is not None
 
 
+def _file(path: str) -> Callable[[], bool]:
+    # programs outside PATH (charon lives in /usr/lib/ipsec) and plugins
+    return lambda: Path(path).exists()
+
+
 def _probe(argv: list[str]) -> Callable[[], bool]:
     @cache
     def check() -> bool:
@@ -86,6 +91,20 @@ REQUIREMENTS: dict[str, Requirement] = {
         Requirement("openvpn", "openvpn", _which("openvpn")),
         Requirement("wireguard-go", "wireguard-go", _which("wireguard-go")),
         Requirement("wg", "wireguard-tools", _which("wg")),
+        Requirement("charon", "strongswan-charon", _file("/usr/lib/ipsec/charon")),
+        Requirement("swanctl", "strongswan-swanctl", _which("swanctl")),
+        # user-space ESP (kernel ESP is optional in kernels, and absent on some lab hosts)
+        Requirement(
+            "charon kernel-libipsec",
+            "libcharon-extra-plugins",
+            _file("/usr/lib/ipsec/plugins/libstrongswan-kernel-libipsec.so"),
+        ),
+        # AES-GCM, ChaCha20-Poly1305, ECP and X25519 for the drawn proposals
+        Requirement(
+            "charon openssl",
+            "libstrongswan-standard-plugins",
+            _file("/usr/lib/ipsec/plugins/libstrongswan-openssl.so"),
+        ),
     )
 }
 # Needed by every lab run whatever the classes: namespaces, shaping, certificates.
@@ -93,8 +112,12 @@ BASE = ("ip", "tc", "setpriv", "openssl")
 # Wanted by every run but not fatal: without ethtool segmentation offloads stay on (pyroute2
 # cannot turn TSO off on a veth) and captures may hold 64 KiB frames; the manifest says so.
 RECOMMENDED = ("ethtool",)
-# swaks talks STARTTLS only with these two Perl libraries present.
-EXTRA = {"swaks": ("perl Net::SSLeay", "perl IO::Socket::SSL")}
+# Libraries and plugins a program needs: swaks talks STARTTLS only with these two Perl
+# libraries present; charon needs its user-space ESP and openssl plugins.
+EXTRA = {
+    "swaks": ("perl Net::SSLeay", "perl IO::Socket::SSL"),
+    "charon": ("charon kernel-libipsec", "charon openssl"),
+}
 
 
 def expand(programs: Iterable[str]) -> list[str]:

@@ -3,7 +3,8 @@
 One run builds the lab (`topology.build_lab`), makes its certificates (`pki`), starts the servers
 of the requested classes (`apps`), then works through a shuffled list of sessions (classes
 interleaved, so nothing about the time of the run correlates with the label). For each session:
-shape the client link, start a capture on it, run the client, stop the capture, compute per-flow
+put the session's network conditions on the client link (`conditions`: delay, jitter, loss, rate,
+MTU, congestion control; or a plain tbf with `--conditions none`), start a capture on it, run the client, stop the capture, compute per-flow
 statistics, validate, and write `OUT/<class>/<session>.pcap` with at most `keep_packets` packets
 per flow. Every session, kept or rejected, goes into `OUT/manifest.json`, rewritten atomically
 after each one so an interrupted run still leaves a correct manifest of what it wrote.
@@ -26,12 +27,14 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from flagd.lab import conditions
 from flagd.lab.apps import APPS, CLASSES, App, RunContext
+from flagd.lab.conditions import Conditions, netem_available
 from flagd.lab.doctor import REQUIREMENTS, expand, require
 from flagd.lab.pki import make_pki
 from flagd.lab.record import Recorder, Rules, keep_first, session_stats, validate, write_pcap
-from flagd.lab.topology import Client, Lab, LabError, build_lab
-from flagd.lab.tunnel import OpenVpn, WireGuard, only_tunnel
+from flagd.lab.topology import SERVER_NET, Client, Lab, LabError, build_lab
+from flagd.lab.tunnel import ESP_PROPOSALS, IKE_PROPOSALS, Ipsec, OpenVpn, WireGuard, only_tunnel
 
 # The apps the honest benchmark should use: the direct-TLS variant wherever one exists (XMPP on
 # 5223, SMTP submission on 465, SIP over TLS). SSH's version banner and the torrent tracker's
@@ -44,7 +47,7 @@ BENCHMARK_APPS = (
 MANIFEST = "manifest.json"
 OVPN_CIPHERS = ("AES-256-GCM", "AES-128-GCM", "CHACHA20-POLY1305")
 FORMAT = "flagd-lab/1"
-TUNNELS = ("none", "wireguard", "openvpn")
+TUNNELS = ("none", "wireguard", "openvpn", "ipsec")
 DEFAULT_RATE_MBIT = 100  # tbf on every client link, so no session runs at memory speed
 DRAIN_SECONDS = 0.3  # capture keeps running this long after the client exits (FIN/ACKs)
 
@@ -63,6 +66,9 @@ class Settings:
     clients: int = 1  # client namespaces running sessions at once
     random_ports: bool = False  # random server ports per run (defeats port shortcuts)
     keep_packets: int = 1000  # packets per flow kept on disk (statistics use all of them)
+    # "random": network conditions drawn per session (`conditions`); "none": a plain link, as
+    # every run made before conditions existed
+    conditions: str = "random"
     rules: Rules = field(default_factory=Rules)
 
 
@@ -73,11 +79,15 @@ class Job:
     app: str
     tunnel: str
     params: dict
+    conditions: Conditions | None = None
 
 
-def plan(settings: Settings) -> list[Job]:
-    """The sessions of a run, in run order: deterministic for a seed."""
+def plan(settings: Settings, congestion: tuple[str, ...] = ("cubic", "reno")) -> list[Job]:
+    """The sessions of a run, in run order: deterministic for a seed (and the congestion
+    controls the kernel offers). Conditions come from a generator of their own, so a run
+    without them draws exactly what runs made before they existed drew."""
     rng = random.Random(settings.seed)
+    crng = random.Random(f"{settings.seed}/conditions")
     jobs: list[Job] = []
     for label in settings.classes:
         names = [a for a in CLASSES[label] if not settings.apps or a in settings.apps]
@@ -86,16 +96,23 @@ def plan(settings: Settings) -> list[Job]:
         for tunnel in settings.tunnels:
             for k in range(settings.sessions):
                 app = names[k % len(names)]
-                params = APPS[app]().params(rng, settings.seconds)
+                cond = None
+                if settings.conditions == "random":
+                    cond = conditions.draw(crng, congestion)
+                budget = cond.budget_mbit if cond else None
+                params = APPS[app]().params(rng, settings.seconds, budget)
                 if tunnel != "none":
                     params["tunnel_port"] = rng.randint(20000, 60000)
                 if tunnel == "openvpn":
                     params["tunnel_cipher"] = rng.choice(OVPN_CIPHERS)
+                if tunnel == "ipsec":
+                    params["tunnel_ike"] = rng.choice(IKE_PROPOSALS)
+                    params["tunnel_esp"] = rng.choice(ESP_PROPOSALS)
                 prefix = label if tunnel == "none" else f"vpn-{label}"
                 # one vpn-* class per plain class whatever the tunnel: the tunnel is a parameter
                 # (both tunnels in one run give a class two applications, like the plain ones)
                 name = f"{prefix}-{app}" if tunnel == "none" else f"{prefix}-{tunnel}-{app}"
-                jobs.append(Job(f"{name}-{k:05d}", prefix, app, tunnel, params))
+                jobs.append(Job(f"{name}-{k:05d}", prefix, app, tunnel, params, cond))
     rng.shuffle(jobs)
     return jobs
 
@@ -109,7 +126,11 @@ def check_settings(settings: Settings) -> list[type[App]]:
     if bad:
         raise LabError(
             f"tunnel {bad[0]!r} is not available yet (built: {', '.join(TUNNELS)}); "
-            "tunnels: none, wireguard, openvpn"
+            f"tunnels: {', '.join(TUNNELS)}"
+        )
+    if settings.conditions not in conditions.MODES:
+        raise LabError(
+            f"conditions {settings.conditions!r}: one of {', '.join(conditions.MODES)}"
         )
     if settings.sessions < 1 or settings.seconds <= 0:
         raise LabError("sessions must be >= 1 and seconds > 0")
@@ -121,7 +142,7 @@ def check_settings(settings: Settings) -> list[type[App]]:
     ]
     for app in apps:
         require(app.programs, f"class {app.label} ({app.name})")
-    for tunnel in (WireGuard, OpenVpn):
+    for tunnel in (WireGuard, OpenVpn, Ipsec):
         if tunnel.name in settings.tunnels:
             require(tunnel.programs, f"the {tunnel.name} tunnel")
     return apps
@@ -226,25 +247,28 @@ def run_session(
     lab = ctx.lab
     app = APPS[job.app]()
     lab.check_processes()
-    lab.shape(client, job.params.get("rate_mbit", DEFAULT_RATE_MBIT))
+    rate = job.params.get("rate_mbit", DEFAULT_RATE_MBIT)
+    cond = job.conditions
+    if cond is not None:
+        netem = ctx.shared["netem"]
+        cond = cond if netem else cond.without_netem()  # the record says what the link did
+        conditions.apply(lab, client, cond, netem)
+    else:
+        lab.shape(client, rate)
     started = time.time()
-    rec = Recorder(client.ns, client.ifname)  # before the tunnel: its handshake is captured
     try:
-        if job.tunnel == "none":
-            rc = app.session(ctx, client, job.params)
-        else:
-            tunnel = ctx.shared[job.tunnel]
-            extra = {"cipher": job.params["tunnel_cipher"]} if job.tunnel == "openvpn" else {}
-            with (
-                lab.isolate(client),
-                tunnel.session(client, job.params["tunnel_port"], **extra) as addr,
-            ):
-                # the app sees the client at its tunnel address
-                rc = app.session(ctx, replace(client, addr=addr), job.params)
-                time.sleep(DRAIN_SECONDS)  # the last ACKs still go through the tunnel
-        time.sleep(DRAIN_SECONDS)
+        rec = Recorder(client.ns, client.ifname)  # before the tunnel: its handshake is captured
+        try:
+            if job.tunnel == "none":
+                rc = app.session(ctx, client, job.params)
+            else:
+                rc = _tunnelled(ctx, client, job, app, cond)
+            time.sleep(DRAIN_SECONDS)
+        finally:
+            frames, capture = rec.stop()
     finally:
-        frames, capture = rec.stop()
+        if cond is not None:  # the next session on this link starts from a plain link
+            conditions.reset(lab, client, DEFAULT_RATE_MBIT)
     seconds = time.time() - started
     stats = session_stats(frames)
     reason = validate(rc, stats, settings.rules, client.addr)
@@ -263,6 +287,7 @@ def run_session(
         "client": client.index,
         "pcap": f"{job.label}/{job.id}.pcap" if reason is None else None,
         "params": job.params,
+        "conditions": cond.to_dict() if cond is not None else None,
         "started": datetime.fromtimestamp(started, UTC).isoformat(),
         "seconds": round(seconds, 3),
         "returncode": rc,
@@ -280,6 +305,35 @@ def run_session(
     return record, kept
 
 
+def _tunnelled(
+    ctx: RunContext, client: Client, job: Job, app: App, cond: Conditions | None
+) -> int:
+    """One session through the run's `job.tunnel`; the server's route to the client's tunnel
+    address carries the session's congestion control."""
+    lab = ctx.lab
+    tunnel = ctx.shared[job.tunnel]
+    extra = {}
+    if job.tunnel == "openvpn":
+        extra = {"cipher": job.params["tunnel_cipher"]}
+    elif job.tunnel == "ipsec":
+        extra = {"proposal": job.params["tunnel_ike"], "esp": job.params["tunnel_esp"]}
+    with (
+        lab.isolate(client),
+        tunnel.session(client, job.params["tunnel_port"], **extra) as addr,
+    ):
+        if cond is not None:  # the tunnel made its own routes: theirs carry it now
+            conditions.congestion(lab, client.ns, str(SERVER_NET), cond.congestion)
+            lab.run(lab.server, conditions.tunnel_route(addr, cond.congestion, add=True))
+        try:
+            # the app sees the client at its tunnel address
+            rc = app.session(ctx, replace(client, addr=addr), job.params)
+            time.sleep(DRAIN_SECONDS)  # the last ACKs still go through the tunnel
+        finally:
+            if cond is not None:
+                lab.run(lab.server, conditions.tunnel_route(addr, cond.congestion, add=False))
+    return rc
+
+
 def generate(
     settings: Settings,
     progress: Callable[[dict], None] | None = None,
@@ -293,8 +347,11 @@ def generate(
     client namespace: `lab.popen(lab.clients[0].ns, [...])`, stopped at teardown).
     """
     apps = check_settings(settings)
-    programs = expand(p for a in apps for p in a.programs)
-    jobs = plan(settings)
+    tunnels = [t for t in (WireGuard, OpenVpn, Ipsec) if t.name in settings.tunnels]
+    # the manifest's package versions cover the tunnels too
+    programs = expand(p for a in (*apps, *tunnels) for p in a.programs)
+    congestion = conditions.available_congestion() if settings.conditions != "none" else ()
+    jobs = plan(settings, congestion)
     settings.out.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(settings, programs)
     manifest.write()
@@ -308,6 +365,9 @@ def generate(
                 "clients": [{"ns": c.ns, "iface": c.ifname, "addr": c.addr} for c in lab.clients],
                 # False: segmentation offloads stayed on (no ethtool), frames may exceed the MTU
                 "offloads_off": lab.offloads_off,
+                # False: no sch_netem in this kernel, sessions' conditions had no delay or loss
+                "netem": netem_available(lab),
+                "congestion": list(congestion),
             }
             ctx = RunContext(
                 lab,
@@ -316,12 +376,15 @@ def generate(
                 random_ports=settings.random_ports,
                 session_seconds=settings.seconds,
             )
+            ctx.shared["netem"] = manifest.doc["lab"]["netem"]
             for app in dict.fromkeys(apps):
                 app().start(ctx)
             if "wireguard" in settings.tunnels:
                 ctx.shared["wireguard"] = WireGuard(lab)
             if "openvpn" in settings.tunnels:
                 ctx.shared["openvpn"] = OpenVpn(lab, ctx.pki)
+            if "ipsec" in settings.tunnels:
+                ctx.shared["ipsec"] = Ipsec(lab)
             if on_ready is not None:
                 on_ready(lab)
             manifest.doc["ports"] = ctx.ports

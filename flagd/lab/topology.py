@@ -96,6 +96,8 @@ class Lab:
     clients: list[Client]
     state: Path  # per-run directory for configs, certificates, keys, logs
     offloads_off: bool
+    # client index -> TCP congestion control of the server's route to it (session conditions)
+    congestion: dict[int, str] = field(default_factory=dict)
     _procs: list[subprocess.Popen] = field(default_factory=list)
 
     @property
@@ -158,18 +160,19 @@ class Lab:
                 raise LabError(f"lab process {name} exited with status {proc.returncode}")
 
     def shape(self, client: Client, rate_mbit: float) -> None:
-        """Limit both directions of `client`'s link to `rate_mbit` with tbf (netem is not
-        available here): the router's end shapes downloads, the client's end uploads."""
-        rate = f"{rate_mbit}mbit"
-        # burst must hold at least one timer tick of traffic at the rate, and a full frame
-        burst = str(max(16000, int(rate_mbit * 1e6 / 8 / 250)))
+        """Limit both directions of `client`'s link to `rate_mbit` with tbf: the router's end
+        shapes downloads, the client's end uploads (`conditions` does more, per session)."""
         for ns, ifname in ((self.router, f"c{client.index}"), (client.ns, client.ifname)):
-            res = self.run(
-                ns, ["tc", "qdisc", "replace", "dev", ifname, "root", "tbf", "rate", rate,
-                     "burst", burst, "latency", "50ms"],
-            )  # fmt: skip
+            res = self.run(ns, tbf_argv(ifname, rate_mbit))
             if res.returncode:
                 raise LabError(f"tc tbf on {ifname} failed: {res.stderr.strip()}")
+
+    def route_to(self, client: Client) -> None:
+        """(Re)make the server's route to `client`'s link, with the congestion control the
+        client's session set (`conditions.apply`), if any."""
+        argv = ["ip", "route", "replace", client.subnet, "via", ROUTER_SERVER_ADDR]
+        cc = self.congestion.get(client.index)
+        self.run(self.server, [*argv, "congctl", cc] if cc else argv)
 
     @contextlib.contextmanager
     def isolate(self, client: Client) -> Iterator[None]:
@@ -180,13 +183,19 @@ class Lab:
         try:
             yield
         finally:
-            self.run(
-                self.server, ["ip", "route", "replace", client.subnet, "via", ROUTER_SERVER_ADDR]
-            )
+            self.route_to(client)
 
     def log(self, name: str) -> str:
         path = self.state / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+
+def tbf_argv(ifname: str, rate_mbit: float) -> list[str]:
+    """tc's command for a tbf at `rate_mbit` on `ifname` (the plain link's rate limit)."""
+    # burst must hold at least one timer tick of traffic at the rate, and a full frame
+    burst = max(16000, int(rate_mbit * 1e6 / 8 / 250))
+    return ["tc", "qdisc", "replace", "dev", ifname, "root", "tbf", "rate", f"{rate_mbit}mbit",
+            "burst", str(burst), "latency", "50ms"]  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -1,5 +1,5 @@
-"""VPN tunnels for the lab's vpn-* classes: wireguard-go (userspace; kernel WireGuard is absent)
-and OpenVPN (UDP, tun).
+"""VPN tunnels for the lab's vpn-* classes: wireguard-go (userspace; kernel WireGuard is absent),
+OpenVPN (UDP, tun) and IPsec (strongSwan, IKEv2 + ESP in UDP, user-space ESP).
 
 The router is the tunnel's far end: one wireguard-go interface (198.51.100.1) with a peer
 per client (198.51.100.(k+2)/32). For each VPN session the client brings up its own interface
@@ -7,7 +7,8 @@ per client (198.51.100.(k+2)/32). For each VPN session the client brings up its 
 server at the tunnel, runs the session and takes the tunnel down again, restoring the direct
 route. Each session therefore is one tunnel flow (UDP client:random port -> router:51820), and the
 capture on the client's outer link sees only tunnel packets, which `only_tunnel` checks.
-OpenVPN works the same way, with a client process per session (`--lport` = the session's port).
+OpenVPN works the same way, with a client process per session (`--lport` = the session's port),
+and so does IPsec (a client charon per session, see `Ipsec`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -240,3 +242,153 @@ class OpenVpn:
             if "/" in word and word.split("/")[0].count(".") == 3:
                 return word.split("/")[0]
         raise LabError(f"tun0 in {ns} has no address: {res.stdout.strip()}")
+
+
+# -- IPsec: strongSwan's charon, IKEv2 with a pre-shared key, ESP in UDP -----------------------
+
+IPSEC_PORT = 4500  # IKE and ESP, both on the NAT-traversal port: one flow per session
+CHARON = "/usr/lib/ipsec/charon"
+# IKE and ESP proposals drawn per session (openssl plugin: AES-GCM, ECP and X25519 groups)
+IKE_PROPOSALS = (
+    "aes128-sha256-x25519", "aes256-sha384-ecp384", "aes256gcm16-prfsha384-ecp256",
+    "aes128gcm16-prfsha256-modp2048", "chacha20poly1305-prfsha256-x25519",
+)  # fmt: skip
+ESP_PROPOSALS = ("aes128gcm16", "aes256gcm16", "aes128-sha256", "aes256-sha512", "chacha20poly1305")
+_CHARON_PLUGINS = (
+    "random nonce openssl pem pkcs1 x509 pubkey aes sha1 sha2 hmac gcm gmp kdf "
+    "kernel-libipsec kernel-netlink socket-default vici"
+)
+
+
+class Ipsec:
+    """IPsec with strongSwan: the router's charon answers, each session starts a client charon
+    that brings up one IKEv2 SA (pre-shared key) and one tunnel-mode CHILD_SA from its tunnel
+    address to the server's network.
+
+    Kernel ESP is not needed (nor available on every lab host): charon's kernel-libipsec plugin
+    does ESP in user space through a TUN device (ipsec0), which only speaks ESP in UDP. Both
+    sides force that encapsulation and the client talks to the router's port 4500 from the
+    start (the session's own port on its side), so IKE and ESP share one UDP flow, the shape
+    `only_tunnel` checks. charon writes its pid file to a fixed /var/run/charon.pid: each one
+    runs with a private /run (a bind mount inside the mount namespace `ip netns exec` makes),
+    which is how several run side by side. A client's tunnel address is its WireGuard address
+    (one tunnel at a time per client, and charon's routes, in table 220, come first)."""
+
+    name = "ipsec"
+    programs = ("charon", "swanctl")
+    port = IPSEC_PORT
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.dir = lab.state / "ipsec"
+        self.dir.mkdir(mode=0o700, exist_ok=True)
+        self.psk = os.urandom(24).hex()
+        router = self.dir / "router"
+        conn = f"""
+  lab {{
+    version = 2
+    local_port = {IPSEC_PORT}
+    encap = yes
+    proposals = {",".join(IKE_PROPOSALS)}
+    local {{ auth = psk
+      id = router.{DOMAIN} }}
+    remote {{ auth = psk }}
+    children {{ lab {{
+      local_ts = {SERVER_NET}
+      remote_ts = {WG_NET}
+      esp_proposals = {",".join(ESP_PROPOSALS)}
+    }} }}
+  }}"""
+        self.server = self._charon(lab.router, router, port=500, nat_t=IPSEC_PORT, conn=conn)
+
+    def _charon(
+        self, ns: str, directory: Path, *, port: int, nat_t: int, conn: str
+    ) -> subprocess.Popen:
+        """Start a charon for `ns` with its own strongswan.conf, /run and vici socket, load the
+        connection `conn` and the key into it; returns the process."""
+        run = directory / "run"
+        run.mkdir(parents=True, exist_ok=True)
+        (directory / "strongswan.conf").write_text(
+            f"""charon {{
+  load = {_CHARON_PLUGINS}
+  port = {port}
+  port_nat_t = {nat_t}
+  retransmit_tries = 3
+  install_virtual_ip = no
+  filelog {{ stderr {{ path = /dev/stderr
+    default = 1 }} }}
+  plugins {{ vici {{ socket = unix://{directory}/charon.vici }} }}
+}}
+"""
+        )
+        (directory / "swanctl.conf").write_text(
+            f'connections {{{conn}\n}}\nsecrets {{ ike-lab {{ secret = "{self.psk}" }} }}\n'
+        )
+        env = {**os.environ, "STRONGSWAN_CONF": str(directory / "strongswan.conf")}
+        log = f"charon-{ns}"
+        argv = ["sh", "-c", f'mount --bind "{run}" /run && exec {CHARON}']
+        proc = self.lab.popen(ns, argv, log=log, must_live=ns == self.lab.router, env=env)
+        deadline = time.monotonic() + 15
+        while not (directory / "charon.vici").exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                why = self.lab.log(log)[-400:]
+                if ns != self.lab.router:
+                    self.lab.reap(proc, 0)
+                raise LabError(f"charon did not start in {ns}: {why}")
+            time.sleep(0.05)
+        self._swanctl(ns, directory, "--load-all", "--file", str(directory / "swanctl.conf"))
+        return proc
+
+    def _swanctl(self, ns: str, directory: Path, *args: str, timeout: float = 30) -> str:
+        res = self.lab.run(
+            ns, ["swanctl", *args, "--uri", f"unix://{directory}/charon.vici"], timeout=timeout
+        )
+        if res.returncode:
+            raise LabError(f"swanctl {args[0]} failed in {ns}: {(res.stdout + res.stderr)[-400:]}")
+        return res.stdout
+
+    @contextlib.contextmanager
+    def session(
+        self, client: Client, listen_port: int, proposal: str = IKE_PROPOSALS[0],
+        esp: str = ESP_PROPOSALS[0],
+    ) -> Iterator[str]:
+        """Start the client's charon (IKE and ESP from `listen_port`), bring the tunnel up with
+        the drawn proposals; yields the client's tunnel address. The SA is deleted (inside the
+        capture), charon stopped and its routes gone on exit."""
+        ns, addr = client.ns, tunnel_addr(client)
+        directory = self.dir / client.ns
+        shutil.rmtree(directory, ignore_errors=True)
+        conn = f"""
+  lab {{
+    version = 2
+    remote_addrs = {client.gateway}
+    local_port = {listen_port}
+    remote_port = {IPSEC_PORT}
+    encap = yes
+    proposals = {proposal}
+    local {{ auth = psk
+      id = client{client.index}.{DOMAIN} }}
+    remote {{ auth = psk
+      id = router.{DOMAIN} }}
+    children {{ lab {{
+      local_ts = {addr}/32
+      remote_ts = {SERVER_NET}
+      esp_proposals = {esp}
+      start_action = none
+    }} }}
+  }}"""
+        self.lab.run(ns, ["ip", "addr", "add", f"{addr}/32", "dev", "lo"])
+        proc = None
+        try:
+            # port 0: the plain IKE socket on a random port, unused (the client starts on 4500)
+            proc = self._charon(ns, directory, port=0, nat_t=listen_port, conn=conn)
+            self._swanctl(ns, directory, "--initiate", "--child", "lab", "--timeout", "20")
+            yield addr
+        finally:
+            if proc is not None:
+                with contextlib.suppress(LabError, subprocess.TimeoutExpired):
+                    self._swanctl(ns, directory, "--terminate", "--ike", "lab", "--timeout", "5")
+                proc.terminate()
+                self.lab.reap(proc, 5)
+            self.lab.run(ns, ["ip", "route", "flush", "table", "220"])
+            self.lab.run(ns, ["ip", "addr", "del", f"{addr}/32", "dev", "lo"])

@@ -104,7 +104,12 @@ class App:
     def start(self, ctx: RunContext) -> None:
         raise NotImplementedError
 
-    def params(self, rng: random.Random, seconds: float) -> dict:
+    def params(
+        self, rng: random.Random, seconds: float, budget_mbit: float | None = None
+    ) -> dict:
+        """One session's parameters. `budget_mbit`: what the session's network conditions let
+        one TCP connection move (None without conditions); apps that size their transfers to the
+        link use it instead of drawing a rate of their own."""
         raise NotImplementedError
 
     def session(self, ctx: RunContext, client: Client, params: dict) -> int:

@@ -103,7 +103,9 @@ VirtualHost "{DOMAIN}"
             raise LabError(f"XMPP echo bot did not log in: {lab.log('xmpp-bot')[-300:]}")
         ctx.shared["xmpp"] = (starttls, direct)
 
-    def params(self, rng: random.Random, seconds: float) -> dict:
+    def params(
+        self, rng: random.Random, seconds: float, budget_mbit: float | None = None
+    ) -> dict:
         return _chat_params(rng, seconds)
 
     def session(self, ctx: RunContext, client: Client, params: dict) -> int:
@@ -198,7 +200,9 @@ Ports = {port}
             raise LabError(f"IRC echo bot did not join: {lab.log('irc-bot')[-300:]}")
         ctx.shared["irc"] = port
 
-    def params(self, rng: random.Random, seconds: float) -> dict:
+    def params(
+        self, rng: random.Random, seconds: float, budget_mbit: float | None = None
+    ) -> dict:
         return _chat_params(rng, seconds)
 
     def session(self, ctx: RunContext, client: Client, params: dict) -> int:

@@ -153,7 +153,9 @@ class Smtp(App):
     def start(self, ctx: RunContext) -> None:
         _start_mail(ctx)
 
-    def params(self, rng: random.Random, seconds: float) -> dict:
+    def params(
+        self, rng: random.Random, seconds: float, budget_mbit: float | None = None
+    ) -> dict:
         return {
             "attachment_kb": round(
                 rng.choice([1, 4, 16, 64, 256, 1024]) * rng.uniform(0.5, 1.5), 1
@@ -197,7 +199,9 @@ class Imaps(App):
     def start(self, ctx: RunContext) -> None:
         _start_mail(ctx)
 
-    def params(self, rng: random.Random, seconds: float) -> dict:
+    def params(
+        self, rng: random.Random, seconds: float, budget_mbit: float | None = None
+    ) -> dict:
         return {
             "append": rng.randint(0, 3),
             "size_kb": rng.choice([1, 8, 64, 256]),

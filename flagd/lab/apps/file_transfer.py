@@ -79,8 +79,11 @@ class Sftp(App):
     def start(self, ctx: RunContext) -> None:
         _start_sshd(ctx)
 
-    def params(self, rng: random.Random, seconds: float) -> dict:
-        rate = rng.choice([2, 5, 10, 20])  # Mbit/s, tbf on both directions of the client link
+    def params(
+        self, rng: random.Random, seconds: float, budget_mbit: float | None = None
+    ) -> dict:
+        # Mbit/s: the session's conditions (budget), or a tbf drawn here on both directions
+        rate = budget_mbit or rng.choice([2, 5, 10, 20])
         budget = rate * 1e6 / 8 * seconds  # bytes that fit in the session at that rate
         return {
             "rate_mbit": rate,
@@ -173,8 +176,10 @@ class HttpsDownload(App):
     def start(self, ctx: RunContext) -> None:
         _start_nginx(ctx)
 
-    def params(self, rng: random.Random, seconds: float) -> dict:
-        rate = rng.choice([2, 5, 10, 20])
+    def params(
+        self, rng: random.Random, seconds: float, budget_mbit: float | None = None
+    ) -> dict:
+        rate = budget_mbit or rng.choice([2, 5, 10, 20])
         budget = rate * 1e6 / 8 * seconds
         return {
             "rate_mbit": rate,

@@ -23,6 +23,11 @@ _RENDITIONS = (
 )
 
 
+def _kbit(rate: str) -> int:
+    """ffmpeg's "2500k" as 2500."""
+    return int(rate.rstrip("k"))
+
+
 def _start_nginx(ctx: RunContext) -> int:
     """nginx (HTTPS, HTTP/1.1) serving the run's HLS renditions and download files."""
     if "nginx" in ctx.shared:
@@ -100,11 +105,15 @@ class Hls(App):
     def start(self, ctx: RunContext) -> None:
         _start_nginx(ctx)
 
-    def params(self, rng: random.Random, seconds: float) -> dict:
+    def params(
+        self, rng: random.Random, seconds: float, budget_mbit: float | None = None
+    ) -> dict:
+        # under session conditions only the renditions the link carries at playback rate
+        fits = [r[0] for r in _RENDITIONS if not budget_mbit or _kbit(r[2]) * 1.5 / 1000 <= budget_mbit]
         return {
-            "rendition": rng.choice([r[0] for r in _RENDITIONS]),
+            "rendition": rng.choice(fits or [_RENDITIONS[0][0]]),
             "watch_seconds": round(seconds * rng.uniform(0.6, 1.0), 1),
-            "rate_mbit": rng.choice([5, 10, 20, 50]),
+            "rate_mbit": budget_mbit or rng.choice([5, 10, 20, 50]),
         }
 
     def session(self, ctx: RunContext, client: Client, params: dict) -> int:
@@ -224,11 +233,13 @@ class Icecast(App):
     def start(self, ctx: RunContext) -> None:
         _start_icecast(ctx)
 
-    def params(self, rng: random.Random, seconds: float) -> dict:
+    def params(
+        self, rng: random.Random, seconds: float, budget_mbit: float | None = None
+    ) -> dict:
         return {
             "station": rng.choice(list(_STATIONS)),
             "listen_seconds": round(seconds * rng.uniform(0.6, 1.0), 1),
-            "rate_mbit": rng.choice([2, 5, 10, 20]),
+            "rate_mbit": budget_mbit or rng.choice([2, 5, 10, 20]),
         }
 
     def session(self, ctx: RunContext, client: Client, params: dict) -> int:

@@ -80,8 +80,10 @@ class Aria2(App):
     def start(self, ctx: RunContext) -> None:
         _start_torrents(ctx)
 
-    def params(self, rng: random.Random, seconds: float) -> dict:
-        rate = rng.choice([2, 5, 10, 20])
+    def params(
+        self, rng: random.Random, seconds: float, budget_mbit: float | None = None
+    ) -> dict:
+        rate = budget_mbit or rng.choice([2, 5, 10, 20])
         # only torrents that download in about half the session at that rate (peers ramp up
         # slowly, transmission especially); the smallest always qualifies
         fits = [k for k, mb in enumerate(_TORRENT_MB) if mb * 8 / rate <= seconds / 2] or [0]

@@ -104,7 +104,9 @@ class Sip(App):
     def start(self, ctx: RunContext) -> None:
         _start_baresip(ctx)
 
-    def params(self, rng: random.Random, seconds: float) -> dict:
+    def params(
+        self, rng: random.Random, seconds: float, budget_mbit: float | None = None
+    ) -> dict:
         return {
             "codec": rng.choice(list(_CODECS)),
             "call_seconds": max(3, int(seconds * rng.uniform(0.6, 1.0))),
@@ -306,7 +308,9 @@ class Linphone(App):
     def start(self, ctx: RunContext) -> None:
         _start_baresip(ctx)
 
-    def params(self, rng: random.Random, seconds: float) -> dict:
+    def params(
+        self, rng: random.Random, seconds: float, budget_mbit: float | None = None
+    ) -> dict:
         return {
             "codec": rng.choice(list(_CODECS)),
             "call_seconds": max(3, int(seconds * rng.uniform(0.6, 1.0))),
