@@ -346,6 +346,7 @@ class Pipeline:
                 "kernel": kernel,
                 "capture_queue": self.counters.capture_queue_drops + source_qd,
                 "flow_table_eviction": fs.evicted,
+                "flow_table_eviction_empty": fs.evicted_empty,  # of those: no relevant packet
                 "batch_queue": self.counters.batch_queue_drops,
                 "shutdown_shed": self.counters.shutdown_shed,
                 "log_write": sum(getattr(sink, "failed", 0) for sink in self.sinks),
