@@ -29,7 +29,9 @@ import mmap
 import select
 import socket
 import struct
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,6 +84,9 @@ _PRIV_HINT = (
     "sudo setcap cap_net_raw+ep $(readlink -f $(which python3)), "
     "or use the systemd unit (AmbientCapabilities=CAP_NET_RAW)"
 )
+
+
+Opener = Callable[[int], socket.socket]  # socket type -> a new, unbound AF_PACKET socket
 
 
 class CaptureError(RuntimeError):
@@ -221,6 +226,10 @@ class LiveCapture:
         self._poll = select.poll()
         self._poll.register(sock.fileno(), select.POLLIN | select.POLLERR)
         self._received = self._dropped = self._freeze = self._delivered = 0
+        # stats() may come from another thread (the daemon's stats events) while the capture
+        # thread drains and closes: the lock keeps it off a closed (or reused) descriptor and
+        # keeps the counters it accumulates consistent.
+        self._lock = threading.Lock()
         self._stats_len = 12 if ring is not None else 8
         self._mm = ring
         self._block_size = block_size
@@ -294,7 +303,11 @@ class LiveCapture:
         return frames
 
     def stats(self) -> CaptureStats:
-        """Kernel counters, accumulated (the kernel resets them on every read)."""
+        """Kernel counters, accumulated (the kernel resets them on every read); any thread."""
+        with self._lock:
+            return self._stats()
+
+    def _stats(self) -> CaptureStats:
         if self._sock.fileno() >= 0:
             raw = self._sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, self._stats_len)
             packets, drops = struct.unpack_from("II", raw)
@@ -305,15 +318,16 @@ class LiveCapture:
         return CaptureStats(self._received, self._dropped, self._freeze, self._delivered)
 
     def close(self) -> None:
-        if self._sock.fileno() < 0:
-            return
-        self.stats()  # keep the final counters readable after close
-        if self._mm is not None:
-            # numpy and memoryview exports must go before the mapping can be closed.
-            del self._ring, self._u32, self._u16
-            self._mv32.release()
-            self._mm.close()
-        self._sock.close()
+        with self._lock:
+            if self._sock.fileno() < 0:
+                return
+            self._stats()  # keep the final counters readable after close
+            if self._mm is not None:
+                # numpy and memoryview exports must go before the mapping can be closed.
+                del self._ring, self._u32, self._u16
+                self._mv32.release()
+                self._mm.close()
+            self._sock.close()
 
     def __enter__(self) -> LiveCapture:
         return self
@@ -476,14 +490,20 @@ def _concat(parts: list[tuple[np.ndarray, ...]], linktype: int) -> Frames:
     )
 
 
-def _new_socket(iface: str, sock_type: int) -> socket.socket:
+def _new_socket(iface: str, sock_type: int, opener: Opener | None = None) -> socket.socket:
     try:
+        if opener is not None:  # the capture helper, which kept CAP_NET_RAW (flagd.helper)
+            return opener(sock_type)
         # Protocol 0: the socket receives nothing until bind(), so no packet slips past the filter.
         return socket.socket(socket.AF_PACKET, sock_type, 0)
     except PermissionError:
         raise CaptureError(_PRIV_HINT.format(iface=iface)) from None
     except OSError as exc:
         raise CaptureError(f"cannot open a packet socket on {iface}: {exc.strerror}") from None
+    except RuntimeError as exc:  # HelperError: the helper said why, in one line
+        if "CAP_NET_RAW" in str(exc):
+            raise CaptureError(_PRIV_HINT.format(iface=iface)) from None
+        raise CaptureError(f"cannot open a packet socket on {iface}: {exc}") from None
 
 
 def _setup_ring(
@@ -509,6 +529,7 @@ def open_capture(
     snaplen: int = FULL_SNAPLEN,
     block_timeout_ms: int = 10,
     fanout: int | None = None,
+    opener: Opener | None = None,
 ) -> LiveCapture:
     """Open `iface` for capture.
 
@@ -517,6 +538,8 @@ def open_capture(
     or `block_timeout_ms` after its first packet, which bounds the latency at low rates.
     fanout: join this PACKET_FANOUT group id (0-65535) in hash mode; every socket of the group
     on the interface gets a share of the flows, each flow whole.
+    opener: makes the unbound AF_PACKET socket of a given type (default: socket.socket here;
+    `flagd run` passes its capture helper's, which kept CAP_NET_RAW when the daemon dropped it).
     """
     if block_size % mmap.PAGESIZE or block_size < _FRAME_SIZE or block_count < 1:
         raise CaptureError(f"block_size must be a multiple of {mmap.PAGESIZE} and block_count >= 1")
@@ -545,7 +568,7 @@ def open_capture(
         except OSError:  # kernels before 4.20
             return True
 
-    sock = _new_socket(iface, sock_type)
+    sock = _new_socket(iface, sock_type, opener)
     mm = None
     try:
         skip_outgoing = configure(sock)
@@ -555,7 +578,7 @@ def open_capture(
             except OSError:
                 # No ring here (old kernel, seccomp, memory): start over on a plain socket.
                 sock.close()
-                sock = _new_socket(iface, sock_type)
+                sock = _new_socket(iface, sock_type, opener)
                 skip_outgoing = configure(sock)
         if mm is None:
             sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)

@@ -213,20 +213,21 @@ class FanoutSource:
     """Flow updates from N capture processes in one AF_PACKET fanout group (`flagd.fanout`).
 
     The processes meter flows themselves, so this source yields `FlowBatch`es. A process that
-    dies is restarted from a fresh interpreter; its socket comes from `opener` (the privileged
-    socket helper when the daemon has given its own privileges up).
+    dies is restarted by the capture helper (`flagd.helper`), which keeps the privilege to
+    open its socket after the daemon dropped its own; `helper` is the daemon's (None: the
+    group starts one of its own).
     """
 
     live = True
 
     def __init__(self, iface: str, workers: int, flows: FlowSettings, *, bpf: str | None = None,
                  promisc: bool = False, user: str | None = None, queue_size: int = 1024,
-                 notice: Notice = _quiet, opener=None) -> None:
+                 notice: Notice = _quiet, helper=None) -> None:
         from flagd.fanout import CaptureGroup
 
         self.name = f"{iface} x{workers}"
         self.group = CaptureGroup(iface, workers, flows, bpf=bpf, promisc=promisc, user=user,
-                                  queue_size=queue_size, notice=notice, opener=opener)
+                                  queue_size=queue_size, notice=notice, helper=helper)
 
     def batches(self, stop: threading.Event) -> Iterator[FlowBatch]:
         for updates, changed in self.group.updates(stop):
