@@ -171,3 +171,14 @@ def test_wheel_installs_and_replays_without_the_source_tree(tmp_path):
     for f in flows:
         assert cls[f["flow_id"]]["flag"]["model"] == "iscx-vpn2016"
         assert f["flag"]["label"] == cls[f["flow_id"]]["flag"]["label"]
+
+
+def test_readme_test_command_is_what_ci_runs():
+    """CI runs exactly the README's test command (its apt-get line names logrotate, for
+    tests/test_logrotate.py)."""
+    readme = [line for line in (REPO / "README.md").read_text().splitlines()
+              if line.startswith("apt-get update")]
+    ci = [line for line in (REPO / ".ci" / "run").read_text().splitlines()
+          if line.startswith("apt-get update")]
+    assert len(readme) == 1 and readme == ci
+    assert " logrotate " in readme[0]
