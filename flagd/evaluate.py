@@ -277,6 +277,17 @@ def _fmt_params(n: int | None) -> str:
     return str(n)
 
 
+def rf_gap(rows: list[dict[str, Any]], row: dict[str, Any]) -> float | None:
+    """row's accuracy minus the random forest's of the same mode and labels, in points."""
+    mode = str(row["name"]).split(":")[0]
+    for other in rows:
+        if other["name"] == f"{mode}: random forest" and other.get("labels") == row.get("labels"):
+            if row.get("accuracy") is None or other.get("accuracy") is None:
+                return None
+            return 100 * (row["accuracy"] - other["accuracy"])
+    return None
+
+
 def compare_table(rows: list[dict[str, Any]], include_paper: bool = True,
                   title: str = "Comparison") -> Table:
     """A Table-1-style comparison of runs, with the paper's FLAG figures (ISCX VPN-nonVPN, 12
@@ -284,19 +295,24 @@ def compare_table(rows: list[dict[str, Any]], include_paper: bool = True,
 
     Row keys (all but `name` optional, None shown as n/a): name, labels (labelled fraction),
     accuracy, macro_f1, tpr, fpr, ftf, wall_s (seconds), model_params (parameter count).
+    "acc - RF" is a row's accuracy minus the random forest's ("<mode>: random forest") with
+    the same labels, in points.
     """
     table = Table(title=title)
     table.add_column("model")
-    for col in ("labels", "accuracy", "macro-F1", "TPR", "FPR", "FTF", "wall time", "params"):
+    for col in ("labels", "accuracy", "acc - RF", "macro-F1", "TPR", "FPR", "FTF", "wall time",
+                "params"):
         table.add_column(col, justify="right")
 
     def add(row: dict[str, Any]) -> None:
         labels = row.get("labels")
         wall = row.get("wall_s")
+        gap = rf_gap(rows, row)
         table.add_row(
             str(row["name"]),
             "n/a" if labels is None else f"{labels:.0%}",
-            _fmt(row.get("accuracy")), _fmt(row.get("macro_f1")), _fmt(row.get("tpr")),
+            _fmt(row.get("accuracy")), "n/a" if gap is None else f"{gap:+.1f}",
+            _fmt(row.get("macro_f1")), _fmt(row.get("tpr")),
             _fmt(row.get("fpr")), _fmt(row.get("ftf")),
             "n/a" if wall is None else f"{wall:.1f} s",
             _fmt_params(row.get("model_params")),
