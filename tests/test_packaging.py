@@ -90,15 +90,17 @@ def _source_copy(dest: Path) -> Path:
 
 
 def _build_isolation() -> list[str]:
-    """Build with the installed setuptools when it is new enough (no index needed), else let pip
-    fetch the build requirements."""
+    """Build with the installed setuptools when it can (no index needed): pyproject asks for 68,
+    and before 70.1 bdist_wheel came from the `wheel` package. Else pip fetches what it needs."""
+    import importlib.util
+
     try:
         import setuptools
-
-        if int(setuptools.__version__.split(".")[0]) >= 68:
-            return ["--no-build-isolation"]
     except ImportError:
-        pass
+        return []
+    version = tuple(int(x) for x in setuptools.__version__.split(".")[:2] if x.isdigit())
+    if version >= (70, 1) or (version >= (68,) and importlib.util.find_spec("wheel")):
+        return ["--no-build-isolation"]
     return []
 
 
