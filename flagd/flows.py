@@ -237,6 +237,7 @@ class FlowTable:
         empty, touch_empty = self.empty, self.empty.move_to_end
         oneway, touch_oneway = self.oneway, self.oneway.move_to_end
         names = self.rules.names
+        syn, syn_ack, fin_rst = SYN, SYN | ACK, FIN | RST
         now = self.now
         columns = zip(range(len(keys)), keys, p.ts[rows].tolist(), src_high,
                       p.tcp_flags[rows].tolist(), codes, wirelen, strict=True)
@@ -246,26 +247,28 @@ class FlowTable:
             if t > now:
                 now = t
             f = get(key)
-            if f is not None:
+            # idle <= established: a flow quiet for less than idle, young and open goes on
+            if f is not None and (now - f.last > idle or now - f.start > active
+                                  or f.closed_at is not None):
                 quiet = now - f.last
                 stale = quiet > (est if f.pkts_toclient else idle)
                 if (stale or now - f.start > active
                         or f.closed_at is not None and (
                             quiet > closed_to
-                            or (fl & (SYN | ACK)) == SYN and self._seq(p, rows[j]) != f.syn_seq)):
+                            or (fl & syn_ack) == syn and self._seq(p, rows[j]) != f.syn_seq)):
                     self._end(f, Expiry.IDLE if stale else
                               Expiry.ACTIVE if now - f.start > active else Expiry.END)
                     f = None
-                else:
-                    touch(key)
-                    if not f.relevant:
-                        touch_empty(key)
-                    if not f.pkts_toclient:
-                        touch_oneway(key)
             if f is None:
                 if len(flows) >= s.max_flows:
                     self._end(next(iter((empty or flows).values())), Expiry.LIMIT)
                 f = self._new(p, int(rows[j]), key, high, now)
+            else:
+                touch(key)
+                if not f.relevant:
+                    touch_empty(key)
+                if not f.pkts_toclient:
+                    touch_oneway(key)
             gap, f.last = now - f.last, now
             if high == f.client_is_high:
                 f.pkts_toserver += 1
@@ -275,9 +278,9 @@ class FlowTable:
                     del oneway[key]
                 f.pkts_toclient += 1
                 f.bytes_toclient += size
-            if (fl & (SYN | ACK)) == SYN and f.syn_seq is None and high == f.client_is_high:
+            if fl & syn and f.syn_seq is None and (fl & syn_ack) == syn and high == f.client_is_high:
                 f.syn_seq = self._seq(p, rows[j])
-            if fl & (FIN | RST) and f.closed_at is None:  # TCP only: UDP rows have no flags
+            if fl & fin_rst and f.closed_at is None:  # TCP only: UDP rows have no flags
                 self._closing(f, fl, high == f.client_is_high, now)
             if code:
                 if f.drop_rule is None:

@@ -11,10 +11,12 @@ Kinds of flood:
 - ``random``: one packet per flow with a random 5-tuple, TCP or UDP, 16 bytes of payload (every
   flow has a relevant packet, so every flow reaches the classifier when it ends).
 
-"Real" flows are mixed in: `real_flows` TCP conversations to 203.0.113.80:443, each `real_packets`
-packets with payload, alternating direction, their packets close together in the capture so
-that LRU eviction by the flood does not reach them. Their client address is 192.0.2.x (TEST-NET-1)
-so tests can pick them out of the events.
+"Real" flows are mixed in: `real_flows` TCP (or UDP) conversations to 203.0.113.80:443, each
+`real_packets` packets with payload, alternating direction. By default their packets are close
+together in the capture, so LRU eviction by the flood does not reach them; with `real_gap`, that
+many new flood flows pass between two packets of a real flow (more than the table holds: only the
+eviction order can keep them whole), and the real flows run interleaved. Their client address is
+192.0.2.x (TEST-NET-1) so tests can pick them out of the events.
 """
 
 from __future__ import annotations
@@ -115,8 +117,9 @@ def flood_records(kind: str, n_flows: int, seed: int = 0, first: int = 0) -> np.
     return rec
 
 
-def real_records(n_flows: int, packets: int) -> np.ndarray:
-    """`packets` records per real flow (flow-major), TCP PSH/ACK with payload, both directions."""
+def real_records(n_flows: int, packets: int, proto: int = 6) -> np.ndarray:
+    """`packets` records per real flow (flow-major), TCP PSH/ACK (or UDP) with payload, both
+    directions."""
     n = n_flows * packets
     rec = _frames(n)
     f = rec["frame"]
@@ -133,12 +136,15 @@ def real_records(n_flows: int, packets: int) -> np.ndarray:
     # A TLS-record-looking payload so the phrases are not all zero
     f[:, 54:57] = (0x17, 0x03, 0x03)
     f[:, 57] = flow % 256
-    _set_l4(f, np.full(n, 6, np.int64), np.full(n, 0x18, np.int64), np.full(n, PAYLOAD, np.int64))
+    _set_l4(f, np.full(n, proto, np.int64), np.full(n, 0x18, np.int64),
+            np.full(n, PAYLOAD, np.int64))
     return rec
 
 
-def mix(flood: np.ndarray, real: np.ndarray, n_real: int, gap: int = 16) -> np.ndarray:
-    """The flood with each real flow's packets `gap` records apart, real flows spread evenly."""
+def mix(flood: np.ndarray, real: np.ndarray, n_real: int, gap: int = 16,
+        interleave: bool = False) -> np.ndarray:
+    """The flood with each real flow's packets `gap` records apart: real flows spread evenly over
+    the capture, or (`interleave`) all started within one gap and running side by side."""
     n = len(flood) + len(real)
     out = np.empty(n, _REC)
     if not n_real:
@@ -146,9 +152,16 @@ def mix(flood: np.ndarray, real: np.ndarray, n_real: int, gap: int = 16) -> np.n
         return out
     per = len(real) // n_real
     span = (per - 1) * gap + 1
-    if n // n_real <= span:
+    if interleave:
+        # starts less than `gap` apart in all: distinct modulo gap, so no two packets collide
+        step = min((n - span) // n_real, gap // n_real)
+        if step < 1:
+            raise ValueError("flood too short for these real flows at this gap")
+        starts = np.arange(n_real, dtype=np.int64) * step
+    elif n // n_real <= span:
         raise ValueError("too many real flows for this flood: their packets would interleave")
-    starts = np.arange(n_real, dtype=np.int64) * (n // n_real)
+    else:
+        starts = np.arange(n_real, dtype=np.int64) * (n // n_real)
     pos = (starts[:, None] + np.arange(per) * gap).ravel()  # flow-major, increasing
     is_real = np.zeros(n, bool)
     is_real[pos] = True
@@ -165,9 +178,19 @@ def write_flood(
     real_packets: int = 6,
     pps: float = 1_000_000.0,
     seed: int = 0,
+    real_proto: int = 6,
+    real_gap: int | None = None,
 ) -> FloodFile:
-    """Write a pcap of `n_flows` flood flows with `real_flows` real conversations mixed in."""
-    rec = mix(flood_records(kind, n_flows, seed), real_records(real_flows, real_packets), real_flows)
+    """Write a pcap of `n_flows` flood flows with `real_flows` real conversations mixed in.
+
+    `real_gap`: new flood flows between two packets of a real flow (the real flows then run
+    interleaved, and each gap also holds one packet of every other real flow)."""
+    real = real_records(real_flows, real_packets, real_proto)
+    if real_gap is None:
+        rec = mix(flood_records(kind, n_flows, seed), real, real_flows)
+    else:
+        rec = mix(flood_records(kind, n_flows, seed), real, real_flows, gap=real_gap + real_flows,
+                  interleave=True)
     ts = T0 + np.arange(len(rec)) / pps
     rec["sec"] = ts.astype(np.int64)
     rec["usec"] = np.round((ts - np.floor(ts)) * 1e6).clip(0, 999_999).astype(np.int64)

@@ -70,6 +70,8 @@ def test_replayed_flood_stays_bounded_and_real_flows_are_classified(kind, tmp_pa
     assert final["final"] and final["flows"] == n + real
     # every flood flow is a one-packet flow: all but the last `table` were evicted, and counted
     assert final["drops"]["flow_table_eviction"] == n + real - table
+    if kind == "syn":  # SYN-only flows go first, so the real flows were never among them
+        assert final["drops"]["flow_table_eviction_empty"] == n + real - table
     assert final["flows_open"] == 0 and final["drops"]["batch_queue"] == 0
     flow_events = [e for e in events if e["event_type"] == "flow"]
     assert len(flow_events) == n + real
@@ -87,6 +89,37 @@ def test_replayed_flood_stays_bounded_and_real_flows_are_classified(kind, tmp_pa
     assert max(s["queues"]["flows"] for s in stats) <= 1024
     assert max(s["queues"]["events"] for s in stats) <= 8192
     assert peak < baseline_rss + 120 * MiB, (peak / MiB, baseline_rss / MiB)
+
+
+def test_syn_flood_wider_than_the_table_keeps_real_flows_whole(tmp_path, tiny_bundle):
+    """30,000 new SYN flows pass between two packets of each real UDP flow, against a 20,000-flow
+    table: pure LRU made each real flow 8 one-packet flows; evicting the flows without a relevant
+    packet first keeps every real flow whole, classified once from its first K packets."""
+    n, real, table, gap, k = 300_000, 20, 20_000, 30_000, 3  # the tiny bundle's K
+    cap = floodgen.write_flood(tmp_path / "flood.pcap", "syn", n, real_flows=real,
+                               real_packets=8, real_proto=17, real_gap=gap).path
+    cfg = tmp_path / "flagd.toml"
+    cfg.write_text(f"max_flows = {table}\n")
+    log = tmp_path / "events.jsonl"
+    code, _, err = replay_peak(cap, log, "--model", str(tiny_bundle), "--config", str(cfg))
+    assert code == 0, err
+    events = events_of(log)
+    final = [e["stats"] for e in events if e["event_type"] == "stats"][-1]
+    assert final["flows"] == n + real
+    # every eviction was a SYN-only flow, and the stats say so
+    drops = final["drops"]
+    assert drops["flow_table_eviction"] == drops["flow_table_eviction_empty"] == n - table + real
+    keys = {floodgen.real_key(i) for i in range(real)}
+
+    def key(e):
+        return (e["src_ip"], e["src_port"], e["dest_ip"], e["dest_port"])
+
+    cls = [e for e in events if e["event_type"] == "classification" and key(e) in keys]
+    assert sorted(map(key, cls)) == sorted(keys)  # each real flow exactly once
+    assert {e["flag"]["packets_used"] for e in cls} == {k}
+    flows = [e for e in events if e["event_type"] == "flow" and key(e) in keys]
+    assert len(flows) == real
+    assert all(e["flow"]["pkts_toserver"] + e["flow"]["pkts_toclient"] == 8 for e in flows)
 
 
 # -- overload: a classifier slower than arrivals ------------------------------------------------
