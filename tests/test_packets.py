@@ -193,6 +193,47 @@ def test_ipv4_options_move_the_transport_header() -> None:
     assert got["payload_len"] == 30
 
 
+def test_vlan_ids_are_recorded_outer_then_inner() -> None:
+    from scapy.layers.l2 import Dot1AD, Dot1Q, Ether
+    eth = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+    inner = IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=1, dport=2) / b"x"
+    fr = batch((LINKTYPE_ETHERNET, bytes(eth / inner)),
+               (LINKTYPE_ETHERNET, bytes(eth / Dot1Q(vlan=300) / inner)),
+               (LINKTYPE_ETHERNET, bytes(eth / Dot1AD(vlan=7) / Dot1Q(vlan=300) / inner)))
+    p = decode(fr)
+    assert list(p.skip) == [Skip.OK] * 3
+    assert list(p.vlan) == [0, 300, (7 << 12) | 300]
+
+
+def test_mpls_labels_then_ip() -> None:
+    from scapy.contrib.mpls import MPLS
+    from scapy.layers.l2 import Ether
+    eth = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02", type=0x8847)
+    pkt = eth / MPLS(label=16, s=0) / MPLS(label=17, s=1) / IP(src="10.0.0.1", dst="10.0.0.2") \
+        / TCP(sport=179, dport=40000) / b"bgp"
+    got = one(LINKTYPE_ETHERNET, bytes(pkt))
+    assert (got["skip"], got["ip_off"], got["sport"], got["payload_len"]) == (Skip.OK, 22, 179, 3)
+
+
+def test_cisco_hdlc_carries_an_ethertype() -> None:
+    from flagd.packets import LINKTYPE_C_HDLC
+    ip = bytes(IP(src="2.2.2.2", dst="5.5.5.5") / TCP(sport=179, dport=49433) / b"open")
+    got = one(LINKTYPE_C_HDLC, b"\x0f\x00\x08\x00" + ip)
+    assert (got["skip"], got["ip_off"], got["dport"]) == (Skip.OK, 4, 49433)
+
+
+def test_ip_in_ip_and_6in4_decode_the_inner_packet() -> None:
+    inner4 = IP(src="10.10.100.25", dst="10.10.101.2") / UDP(sport=62367, dport=17000) / b"q"
+    inner6 = IPv6(src="2001:db8::1", dst="2001:db8::2") / TCP(sport=60205, dport=443) / b"tls"
+    outer = IP(src="192.0.2.1", dst="192.0.2.2")
+    for pkt, version, off, port in ((outer / inner4, 4, 20, 62367), (outer / inner6, 6, 20, 60205),
+                                    (IPv6() / inner4, 4, 40, 62367)):
+        got = one(LINKTYPE_RAW, bytes(pkt))
+        assert (got["skip"], got["version"], got["ip_off"], got["sport"]) == (Skip.OK, version,
+                                                                               off, port)
+        assert got["payload_len"] == len(pkt.payload.payload.payload)
+
+
 def test_non_first_fragments_keep_addresses_and_proto() -> None:
     for frame in (crafted.ether(crafted.frag4(False)), crafted.ether(crafted.ip6_ext_chain(185))):
         got = one(LINKTYPE_ETHERNET, frame)
