@@ -13,8 +13,9 @@ a live source never blocks capture: a full queue drops and counts.
 
 Shutdown runs in order: stop capture -> end all flows -> drain -> flush sinks -> join. Open
 flows are still classified for `shutdown_grace` seconds after the stop; what is left then is
-shed (flow event `unclassified: "shed"`, counted in `drops.shutdown_shed`), so a stop with a
-million open flows ends in seconds. Every stage's loop ends in a `finally` that tells the next
+shed (flow event `unclassified: "shed"`, counted in `drops.shutdown_shed`), and flows the stop
+ends after the grace are only counted (`drops.shutdown_unlogged`), so a stop with 262,144 open
+flows ends in seconds. Every stage's loop ends in a `finally` that tells the next
 stage it is done: a stage that raises stops the whole pipeline with its error
 (`Counters.stage_error`) and never leaves another stage waiting.
 """
@@ -71,7 +72,8 @@ class PipelineSettings:
 class Counters:
     capture_queue_drops: int = 0  # flow updates lost because the batcher fell behind
     batch_queue_drops: int = 0  # flows shed because the worker fell behind
-    shutdown_shed: int = 0  # flows shed because the shutdown grace ran out
+    shutdown_shed: int = 0  # flows not classified because the shutdown grace ran out
+    shutdown_unlogged: int = 0  # flows ended after the grace (or a failure): counted, no flow event
     classified: int = 0
     batches: int = 0
     capture_error: str | None = None  # the source failed: capture ended early, cleanly
@@ -133,6 +135,9 @@ class Pipeline:
                     return False
 
     def _shedding(self) -> bool:
+        """Whether flows are shed instead of classified: a stage failed, or the grace is over."""
+        if self._failed.is_set():
+            return True
         return self._deadline is not None and time.monotonic() >= self._deadline
 
     # --- capture thread -------------------------------------------------------------------
@@ -156,15 +161,23 @@ class Pipeline:
                 self.counters.capture_error = f"{type(e).__name__}: {e}"
             # Capture has stopped: the last flows may wait for the batcher, never be dropped
             # (dropping them lost 54,082 of 600,220 flow events at the end of a live soak).
-            self._hand_on(table.flush(), wait=True)
+            # After a failed stage they stay in the table (flows_open of the final stats):
+            # writing an event for each would hold the failing daemon up for seconds.
+            if not self._failed.is_set():
+                self._hand_on(table.flush(), wait=True, final=True)
         except BaseException as e:
             self._fail("capture", e)
         finally:
             self._put(self.flow_q, _DONE)
 
-    def _hand_on(self, updates: list[FlowUpdate], wait: bool = False) -> None:
+    def _hand_on(self, updates: list[FlowUpdate], wait: bool = False, final: bool = False) -> None:
+        """Updates to the batcher. `final`: the flush at the end, which stops once the shutdown
+        grace is over; the flows not handed on then are counted, without a flow event each."""
         # In chunks, so flow_q is bounded in flows: one 65536-frame file batch can end 65536.
         for i in range(0, len(updates), _CHUNK):
+            if final and self._shedding():
+                self.counters.shutdown_unlogged += len(updates) - i
+                return
             part = updates[i:i + _CHUNK]
             if self.lossless or wait:
                 if not self._put(self.flow_q, part):
@@ -195,6 +208,11 @@ class Pipeline:
                     item = None
                 if item is _DONE:
                     break
+                if item and self._shedding():
+                    # The grace is over (or a stage failed): what still comes is only counted,
+                    # so that the events already queued are the last ones to write.
+                    self.counters.shutdown_unlogged += sum(kind == END for kind, _ in item)
+                    item = None
                 for kind, f in item or ():
                     # A flow is classified once: at READY, or at its end when it never became
                     # ready (fewer than K relevant packets, or its READY was lost to a full
@@ -349,6 +367,7 @@ class Pipeline:
                 "flow_table_eviction_empty": fs.evicted_empty,  # of those: no relevant packet
                 "batch_queue": self.counters.batch_queue_drops,
                 "shutdown_shed": self.counters.shutdown_shed,
+                "shutdown_unlogged": self.counters.shutdown_unlogged,
                 "log_write": sum(getattr(sink, "failed", 0) for sink in self.sinks),
             },
             "skipped": dict(fs.skipped),
