@@ -737,6 +737,10 @@ def test_irc_line_parsing():
         ("irc-tls", "ngircd", "ngircd", "chat"),
         ("icecast-https", "icecast2", "icecast2", "streaming"),
         ("linphone-tls", "linphonec", "linphone-cli", "voip"),
+        ("wget-https", "wget", "wget", "file-transfer"),
+        ("curl-imaps", "curl", "curl", "email"),
+        ("curl-smtps", "curl", "curl", "email"),
+        ("icecast-ffmpeg", "icecast2", "icecast2", "streaming"),
     ],
 )
 def test_second_apps_name_their_debian_package(monkeypatch, app, program, package, label):
@@ -832,3 +836,104 @@ def test_linphone_driver_ends_every_call_in_bounded_time(tmp_path, mode, expect)
         assert not lab._procs  # reaped
     assert rc == expect
     assert took < 30
+
+
+# -- TLS versions and suites drawn per session ---------------------------------------------------
+
+# IANA numbers of the suites `draw_tls` picks from
+SUITES = {
+    "ECDHE-ECDSA-AES128-GCM-SHA256": 0xC02B, "ECDHE-ECDSA-AES256-GCM-SHA384": 0xC02C,
+    "ECDHE-ECDSA-CHACHA20-POLY1305": 0xCCA9, "TLS_AES_128_GCM_SHA256": 0x1301,
+    "TLS_AES_256_GCM_SHA384": 0x1302, "TLS_CHACHA20_POLY1305_SHA256": 0x1303,
+}  # fmt: skip
+
+
+def server_hellos(pcap: Path) -> list[tuple[str, int]]:
+    """(version, suite) of every ServerHello at the start of a TCP payload in the capture: the
+    version from the supported_versions extension when there is one (TLS 1.3), else the
+    ServerHello's own."""
+    (frames,) = list(read_capture(pcap))
+    pk = decode(frames)
+    out = []
+    for i in np.flatnonzero((pk.skip == 0) & (pk.proto == 6) & (pk.payload_len > 50)).tolist():
+        start = int(pk.l4_off[i]) + int(pk.l4_hdr_len[i])
+        b = frames.data[start : int(frames.offset[i]) + int(frames.caplen[i])].tobytes()
+        if b[0] != 22 or b[1] != 3 or b[5] != 2:  # handshake record, ServerHello
+            continue
+        sid = b[43]
+        at = 44 + sid
+        suite = int.from_bytes(b[at : at + 2], "big")
+        version = {0x0303: "1.2", 0x0304: "1.3"}.get(int.from_bytes(b[9:11], "big"), "?")
+        ext, end = at + 5, at + 5 + int.from_bytes(b[at + 3 : at + 5], "big")
+        while ext + 4 <= min(end, len(b)):
+            kind, size = int.from_bytes(b[ext : ext + 2], "big"), int.from_bytes(b[ext + 2 : ext + 4], "big")
+            if kind == 43:  # supported_versions
+                version = {0x0303: "1.2", 0x0304: "1.3"}[int.from_bytes(b[ext + 4 : ext + 6], "big")]
+            ext += 4 + size
+        out.append((version, suite))
+    return out
+
+
+TLS_APPS = {
+    "imaps": "email", "smtps": "email", "curl-imaps": "email", "curl-smtps": "email",
+    "irc-tls": "chat", "https-download": "file-transfer", "wget-https": "file-transfer",
+    "icecast-https": "streaming",
+}  # fmt: skip
+
+
+@netns
+@pytest.mark.slow
+@pytest.mark.parametrize("app", list(TLS_APPS))
+def test_sessions_speak_their_drawn_tls_version_and_suite(app, tmp_path):
+    """With conditions, a client with TLS knobs gets a TLS version and suite per session; the
+    captured ServerHello shows exactly those (1.3 suites only where the client can choose)."""
+    gone = doctor.missing(apps.APPS[app].programs)
+    if gone:
+        pytest.skip(f"{app} needs: {doctor.apt_line(gone)}")
+    settings = Settings(out=tmp_path, classes=(TLS_APPS[app],), apps=(app,), sessions=3, seconds=4)
+    doc = generate(replace(settings, seed=4))
+    for s in doc["sessions"]:
+        assert s["valid"], (s["id"], s["reason"])
+        version, cipher = s["params"]["tls_version"], s["params"]["tls_cipher"]
+        hellos = server_hellos(tmp_path / s["pcap"])
+        assert hellos, s["id"]
+        assert {v for v, _ in hellos} == {version}, (s["id"], hellos)
+        if cipher:
+            assert {c for _, c in hellos} == {SUITES[cipher]}, (s["id"], hellos)
+        elif version == "1.2":
+            pytest.fail(f"{s['id']}: a TLS 1.2 session without a drawn suite")
+
+
+# -- the apps added for issue 15: one short, validated session each ------------------------------
+
+
+@netns
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("app", "label"),
+    [("curl-imaps", "email"), ("curl-smtps", "email"), ("wget-https", "file-transfer"),
+     ("icecast-ffmpeg", "streaming")],
+)  # fmt: skip
+def test_smoke_new_app(app, label, tmp_path):
+    gone = doctor.missing(apps.APPS[app].programs)
+    if gone:
+        pytest.skip(f"{app} needs: {doctor.apt_line(gone)}")
+    doc = generate(Settings(out=tmp_path, classes=(label,), apps=(app,), sessions=1, seconds=4))
+    (s,) = doc["sessions"]
+    assert s["valid"], s["reason"]
+    assert s["app"] == app and (tmp_path / s["pcap"]).stat().st_size > 1000
+    assert all(is_lab_address(f["src"]) and is_lab_address(f["dst"]) for f in s["flows"])
+
+
+def test_doctor_knows_the_ipsec_tunnel(monkeypatch):
+    """charon lives outside PATH and needs two plugin packages: doctor names all three."""
+    for name in ("charon", "charon kernel-libipsec", "charon openssl"):
+        req = doctor.REQUIREMENTS[name]
+        monkeypatch.setitem(
+            doctor.REQUIREMENTS, name, doctor.Requirement(name, req.package, lambda: False)
+        )
+    assert doctor.apt_line(doctor.missing(Ipsec.programs)).split()[4:] == [
+        "libcharon-extra-plugins", "libstrongswan-standard-plugins", "strongswan-charon",
+    ]  # fmt: skip
+    res = CliRunner().invoke(lab_app, ["doctor"])
+    assert "MISSING  charon" in res.output and "vpn-* / ipsec" in res.output

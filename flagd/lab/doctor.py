@@ -82,6 +82,7 @@ REQUIREMENTS: dict[str, Requirement] = {
         Requirement("ffmpeg", "ffmpeg", _which("ffmpeg")),
         Requirement("icecast2", "icecast2", _which("icecast2")),
         Requirement("curl", "curl", _which("curl")),
+        Requirement("wget", "wget", _which("wget")),
         Requirement("baresip", "baresip-core", _which("baresip")),
         Requirement("linphonec", "linphone-cli", _which("linphonec")),
         Requirement("opentracker", "opentracker", _which("opentracker")),

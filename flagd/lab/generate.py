@@ -29,6 +29,7 @@ from pathlib import Path
 
 from flagd.lab import conditions
 from flagd.lab.apps import APPS, CLASSES, App, RunContext
+from flagd.lab.apps.base import draw_tls
 from flagd.lab.conditions import Conditions, netem_available
 from flagd.lab.doctor import REQUIREMENTS, expand, require
 from flagd.lab.pki import make_pki
@@ -43,6 +44,7 @@ from flagd.lab.tunnel import ESP_PROPOSALS, IKE_PROPOSALS, Ipsec, OpenVpn, WireG
 BENCHMARK_APPS = (
     "xmpp-tls", "irc-tls", "smtps", "imaps", "sftp", "scp", "https-download", "hls-https",
     "icecast-https", "sip-tls", "linphone-tls", "aria2", "transmission",
+    "curl-smtps", "curl-imaps", "wget-https", "icecast-ffmpeg",
 )  # fmt: skip
 MANIFEST = "manifest.json"
 OVPN_CIPHERS = ("AES-256-GCM", "AES-128-GCM", "CHACHA20-POLY1305")
@@ -101,6 +103,8 @@ def plan(settings: Settings, congestion: tuple[str, ...] = ("cubic", "reno")) ->
                     cond = conditions.draw(crng, congestion)
                 budget = cond.budget_mbit if cond else None
                 params = APPS[app]().params(rng, settings.seconds, budget)
+                if cond is not None and APPS[app].tls_suites13 is not None:
+                    params |= draw_tls(crng, APPS[app].tls_suites13)
                 if tunnel != "none":
                     params["tunnel_port"] = rng.randint(20000, 60000)
                 if tunnel == "openvpn":
@@ -375,6 +379,7 @@ def generate(
                 random.Random(settings.seed + 1),
                 random_ports=settings.random_ports,
                 session_seconds=settings.seconds,
+                vary_tls=settings.conditions == "random",
             )
             ctx.shared["netem"] = manifest.doc["lab"]["netem"]
             for app in dict.fromkeys(apps):

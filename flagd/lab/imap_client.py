@@ -1,7 +1,7 @@
 """IMAPS mail-client session for the lab (stdlib imaplib), run as a program in a client namespace.
 
     imap_client.py --host IP --port N --ca CA --user U --password P --append K --size-kb S
-                   --fetch F --think T --seed SEED
+                   --fetch F --think T --seed SEED [--tls-version 1.2|1.3] [--cipher SUITE]
 
 Logs in over implicit TLS, appends K messages of about S KiB (a client saving sent mail), reads
 up to F messages with pauses of about T seconds (a user reading), deletes what it appended and
@@ -27,9 +27,17 @@ def main() -> int:
     p.add_argument("--fetch", type=int, default=3)
     p.add_argument("--think", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tls-version", choices=["1.2", "1.3"])  # exactly this version
+    p.add_argument("--cipher")  # an OpenSSL TLS 1.2 suite (ssl cannot choose 1.3 suites)
     a = p.parse_args()
     rng = random.Random(a.seed)
     ctx = ssl.create_default_context(cafile=a.ca)
+    if a.tls_version:
+        ctx.minimum_version = ctx.maximum_version = getattr(
+            ssl.TLSVersion, "TLSv" + a.tls_version.replace(".", "_")
+        )
+    if a.cipher:
+        ctx.set_ciphers(a.cipher)
     imap = imaplib.IMAP4_SSL(a.host, a.port, ssl_context=ctx, timeout=30)
     # The server certificate carries the server's address as a SAN, so this verifies for real.
     imap.login(a.user, a.password)

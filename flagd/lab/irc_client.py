@@ -33,9 +33,18 @@ MAX_TEXT = 400
 class Irc:
     """One registered IRC connection over TLS: a line reader that answers PINGs itself."""
 
-    def __init__(self, host: str, port: int, ca: str, nick: str) -> None:
+    def __init__(
+        self, host: str, port: int, ca: str, nick: str, version: str | None = None,
+        cipher: str | None = None,
+    ) -> None:
         ctx = ssl.create_default_context(cafile=ca)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if version:  # exactly this version ("1.2", "1.3")
+            ctx.minimum_version = ctx.maximum_version = getattr(
+                ssl.TLSVersion, "TLSv" + version.replace(".", "_")
+            )
+        if cipher:  # a TLS 1.2 suite (ssl cannot choose 1.3 suites)
+            ctx.set_ciphers(cipher)
         raw = socket.create_connection((host, port), timeout=15)
         # the certificate carries the server's address as a SAN: this verifies for real
         self.sock = ctx.wrap_socket(raw, server_hostname=host)
@@ -119,7 +128,7 @@ def echo(a: argparse.Namespace) -> int:
 
 def chat(a: argparse.Namespace) -> int:
     rng = random.Random(a.seed)
-    irc = Irc(a.host, a.port, a.ca, a.nick)
+    irc = Irc(a.host, a.port, a.ca, a.nick, a.tls_version, a.cipher)
     if a.peer not in irc.join([a.channel]):
         print(f"{a.peer} is not in {a.channel}", file=sys.stderr)
         return 2
@@ -166,6 +175,8 @@ def main() -> int:
     p.add_argument("--min-len", type=int, default=5)
     p.add_argument("--max-len", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tls-version", choices=["1.2", "1.3"])
+    p.add_argument("--cipher")
     a = p.parse_args()
     return echo(a) if a.mode == "echo" else chat(a)
 

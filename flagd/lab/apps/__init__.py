@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from flagd.lab.apps.base import App, RunContext, wait_tcp
 from flagd.lab.apps.chat import IrcTls, Xmpp, XmppTls
-from flagd.lab.apps.email import Imaps, Smtp, Smtps
-from flagd.lab.apps.file_transfer import HttpsDownload, Scp, Sftp
-from flagd.lab.apps.streaming import Hls, Icecast
+from flagd.lab.apps.email import CurlImaps, CurlSmtps, Imaps, Smtp, Smtps
+from flagd.lab.apps.file_transfer import HttpsDownload, Scp, Sftp, WgetDownload
+from flagd.lab.apps.streaming import Hls, Icecast, IcecastFfmpeg
 from flagd.lab.apps.torrent import Aria2, Transmission
 from flagd.lab.apps.voip import Linphone, Sip, SipUdp
 
@@ -28,11 +28,15 @@ APPS: dict[str, type[App]] = {
         Smtp,
         Smtps,
         Imaps,
+        CurlSmtps,
+        CurlImaps,
         Sftp,
         Scp,
         HttpsDownload,
+        WgetDownload,
         Hls,
         Icecast,
+        IcecastFfmpeg,
         Sip,
         SipUdp,
         Linphone,

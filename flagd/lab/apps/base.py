@@ -36,6 +36,9 @@ class RunContext:
     rng: random.Random
     random_ports: bool = False  # draw server ports at random (defeats port shortcuts)
     session_seconds: float = 10.0  # target length of one session
+    # sessions draw their TLS version and suite (--conditions random): servers whose default
+    # leaves a version out (Debian 12's nginx: no TLS 1.3) enable both 1.2 and 1.3
+    vary_tls: bool = False
     shared: dict = field(default_factory=dict)  # servers started once, shared by app variants
     _ports: set[int] = field(default_factory=set)
     _named: dict[str, int] = field(default_factory=dict)
@@ -95,11 +98,50 @@ def _text(rng: random.Random, n: int) -> str:
     return "".join(rng.choices("abcdefghijklmnopqrstuvwxyz      .,\n", k=n))
 
 
+# TLS versions and suites a session may be given (`draw_tls`). The lab's certificate has an EC
+# P-256 key, so the TLS 1.2 suites are ECDHE-ECDSA ones; the TLS 1.3 suites are the three every
+# OpenSSL build enables. Every lab server allows all of them.
+TLS12_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305",
+)  # fmt: skip
+TLS13_CIPHERS = ("TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256")
+
+
+def draw_tls(rng: random.Random, suites13: bool) -> dict:
+    """A session's TLS version and cipher suite. `suites13`: whether the client can choose a
+    TLS 1.3 suite (curl can; Python's ssl and swaks cannot: their 1.3 sessions get None)."""
+    version = rng.choice(("1.2", "1.3"))
+    if version == "1.2":
+        return {"tls_version": version, "tls_cipher": rng.choice(TLS12_CIPHERS)}
+    return {"tls_version": version, "tls_cipher": rng.choice(TLS13_CIPHERS) if suites13 else None}
+
+
+def curl_tls(params: dict) -> list[str]:
+    """curl's options for the session's drawn TLS version and suite (none when not drawn)."""
+    version, cipher = params.get("tls_version"), params.get("tls_cipher")
+    if not version:
+        return []
+    argv = [f"--tlsv{version}", "--tls-max", version]
+    if cipher:
+        argv += ["--ciphers" if version == "1.2" else "--tls13-ciphers", cipher]
+    return argv
+
+
+def python_tls(params: dict) -> list[str]:
+    """The lab's Python clients' options for the drawn TLS version and (1.2) suite."""
+    argv = [f"--tls-version={params['tls_version']}"] if params.get("tls_version") else []
+    return argv + ([f"--cipher={params['tls_cipher']}"] if params.get("tls_cipher") else [])
+
+
 class App:
     label: ClassVar[str]  # the traffic class: the directory its captures go to
     name: ClassVar[str]  # application and variant, e.g. "xmpp-starttls"
     programs: ClassVar[tuple[str, ...]]  # executables needed (doctor maps them to packages)
     plaintext_start: ClassVar[bool] = False  # does the session open with plaintext signalling?
+    # TLS knobs of the client: None (none), False (version, and a suite for TLS 1.2 only) or
+    # True (version and suite): with --conditions random, `draw_tls` picks them per session
+    tls_suites13: ClassVar[bool | None] = None
 
     def start(self, ctx: RunContext) -> None:
         raise NotImplementedError

@@ -15,6 +15,7 @@ from flagd.lab.apps.base import (
     _chown,
     _client,
     _readline,
+    python_tls,
     wait_tcp,
 )
 from flagd.lab.pki import DOMAIN
@@ -147,6 +148,7 @@ class IrcTls(App):
     label = "chat"
     name = "irc-tls"
     programs = ("ngircd",)
+    tls_suites13 = False
 
     def start(self, ctx: RunContext) -> None:
         if "irc" in ctx.shared:
@@ -212,6 +214,6 @@ Ports = {port}
             f"--channel={_irc_channel(client)}", f"--peer={_IRC_BOT}",
             f"--messages={params['messages']}", f"--rate={params['rate']}",
             f"--min-len={params['min_len']}", f"--max-len={params['max_len']}",
-            f"--seed={params['seed']}",
+            f"--seed={params['seed']}", *python_tls(params),
         ]  # fmt: skip
         return _client(ctx, client, argv, params)

@@ -7,8 +7,19 @@ from __future__ import annotations
 import random
 import shutil
 import sys
+import time
 
-from flagd.lab.apps.base import HERE, App, RunContext, _chown, _client, _text, wait_tcp
+from flagd.lab.apps.base import (
+    HERE,
+    App,
+    RunContext,
+    _chown,
+    _client,
+    _text,
+    curl_tls,
+    python_tls,
+    wait_tcp,
+)
 from flagd.lab.pki import DOMAIN
 from flagd.lab.topology import SERVER_ADDR, Client, LabError
 
@@ -140,6 +151,13 @@ service imap-login {{
     return smtp, imaps, smtps
 
 
+def _swaks_tls(params: dict) -> list[str]:
+    """swaks' options for the drawn TLS version and (1.2) suite."""
+    version, cipher = params.get("tls_version"), params.get("tls_cipher")
+    argv = ["--tls-protocol", "tlsv" + version.replace(".", "_")] if version else []
+    return argv + (["--tls-cipher", cipher] if cipher else [])
+
+
 class Smtp(App):
     """Mail submission with swaks over SMTP + STARTTLS (required by the server), with an
     attachment of random size."""
@@ -148,6 +166,7 @@ class Smtp(App):
     name = "smtp-starttls"
     programs = ("postfix", "dovecot", "swaks")
     plaintext_start = True  # greeting, EHLO and STARTTLS before TLS
+    tls_suites13 = False
     implicit = False
 
     def start(self, ctx: RunContext) -> None:
@@ -176,7 +195,7 @@ class Smtp(App):
             "--helo", f"client{client.index}.{DOMAIN}", "--from", f"user{client.index}@{DOMAIN}",
             "--to", f"box@{DOMAIN}", "--tlsc" if self.implicit else "--tls", "--tls-verify",
             "--tls-ca-path", str(ctx.pki.ca), "--body", f"@{body}", "--attach", f"@{attach}",
-            "--suppress-data", "--timeout", "30",
+            "--suppress-data", "--timeout", "30", *_swaks_tls(params),
         ]  # fmt: skip
         return _client(ctx, client, argv, params)
 
@@ -195,6 +214,7 @@ class Imaps(App):
     label = "email"
     name = "imaps"
     programs = ("postfix", "dovecot")
+    tls_suites13 = False
 
     def start(self, ctx: RunContext) -> None:
         _start_mail(ctx)
@@ -217,5 +237,69 @@ class Imaps(App):
             f"--ca={ctx.pki.ca}", f"--user=user{client.index}", "--password=labpass",
             f"--append={params['append']}", f"--size-kb={params['size_kb']}",
             f"--fetch={params['fetch']}", f"--think={params['think']}", f"--seed={params['seed']}",
+            *python_tls(params),
+        ]  # fmt: skip
+        return _client(ctx, client, argv, params)
+
+
+class CurlImaps(Imaps):
+    """curl as the IMAPS client: appends messages (APPEND), then reads some by index (FETCH),
+    one connection per command, each over implicit TLS with the drawn version and suite."""
+
+    name = "curl-imaps"
+    programs = ("postfix", "dovecot", "curl")
+    tls_suites13 = True
+
+    def session(self, ctx: RunContext, client: Client, params: dict) -> int:
+        _, imaps, _ = ctx.shared["mail"]
+        rng = random.Random(params["seed"])
+        work = ctx.workdir(f"client-{client.index}")
+        base = ["curl", "--silent", "--show-error", "--fail", "--cacert", str(ctx.pki.ca)]
+        base += [*curl_tls(params), "--user", f"user{client.index}:labpass", "--max-time", "60"]
+        box = f"imaps://{SERVER_ADDR}:{imaps}/INBOX"
+        message = work / "message.eml"
+        appended = max(1, params["append"])  # so the messages read below exist, whoever ran before
+        for k in range(appended):
+            body = rng.randbytes(max(1, int(rng.uniform(0.5, 1.5) * params["size_kb"] * 1024)))
+            message.write_text(
+                f"From: user{client.index}@{DOMAIN}\r\nTo: user{client.index}@{DOMAIN}\r\n"
+                f"Subject: lab message {k}\r\n\r\n{body.hex()}\r\n"
+            )
+            rc = _client(ctx, client, [*base, "-T", str(message), box], params)
+            if rc:
+                return rc
+        # messages 1..appended exist: imaps sessions expunge all but the newest five
+        for _ in range(params["fetch"]):
+            time.sleep(rng.expovariate(1 / params["think"]) if params["think"] > 0 else 0)
+            url = f"{box};MAILINDEX={rng.randint(1, min(appended, 5))}"
+            rc = _client(ctx, client, [*base, "-o", "/dev/null", url], params)
+            if rc:
+                return rc
+        return 0
+
+
+class CurlSmtps(Smtps):
+    """curl as the mail submitter over implicit TLS (port 465): one message with a random
+    attachment, MIME built by curl itself (-F), TLS version and suite drawn."""
+
+    name = "curl-smtps"
+    programs = ("postfix", "dovecot", "curl")
+    tls_suites13 = True
+
+    def session(self, ctx: RunContext, client: Client, params: dict) -> int:
+        _, _, smtps = ctx.shared["mail"]
+        rng = random.Random(params["seed"])
+        work = ctx.workdir(f"client-{client.index}")
+        attach, body = work / "attachment.bin", work / "body.txt"
+        attach.write_bytes(rng.randbytes(int(params["attachment_kb"] * 1024)))
+        body.write_text(_text(rng, params["body_chars"]))
+        sender = f"user{client.index}@{DOMAIN}"
+        argv = [
+            "curl", "--silent", "--show-error", "--fail", "--cacert", str(ctx.pki.ca),
+            *curl_tls(params), "--max-time", "60", "--mail-from", sender,
+            "--mail-rcpt", f"box@{DOMAIN}", "-H", f"From: {sender}", "-H", f"To: box@{DOMAIN}",
+            "-H", "Subject: lab mail", "-F", f"=<{body};type=text/plain",
+            "-F", f"=@{attach};type=application/octet-stream",
+            f"smtps://{SERVER_ADDR}:{smtps}",
         ]  # fmt: skip
         return _client(ctx, client, argv, params)

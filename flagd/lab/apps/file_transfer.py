@@ -8,7 +8,7 @@ import random
 import subprocess
 from pathlib import Path
 
-from flagd.lab.apps.base import App, RunContext, _client, _remove, wait_tcp
+from flagd.lab.apps.base import App, RunContext, _client, _remove, curl_tls, wait_tcp
 from flagd.lab.apps.streaming import _start_nginx
 from flagd.lab.topology import SERVER_ADDR, Client, LabError
 
@@ -172,6 +172,7 @@ class HttpsDownload(App):
     label = "file-transfer"
     name = "https-download"
     programs = ("nginx", "ffmpeg", "curl")
+    tls_suites13 = True
 
     def start(self, ctx: RunContext) -> None:
         _start_nginx(ctx)
@@ -189,8 +190,8 @@ class HttpsDownload(App):
             "seed": rng.randrange(1 << 30),
         }
 
-    def session(self, ctx: RunContext, client: Client, params: dict) -> int:
-        port = ctx.shared["nginx"]
+    def _files(self, ctx: RunContext, client: Client, params: dict) -> list[Path]:
+        """The session's files, freshly written with random bytes where nginx serves them."""
         rng = random.Random(params["seed"])
         files = ctx.workdir("nginx/www/files")
         names = []
@@ -199,10 +200,53 @@ class HttpsDownload(App):
             path.write_bytes(rng.randbytes(int(params["file_kb"] * 1024 * rng.uniform(0.5, 1.5))))
             path.chmod(0o644)
             names.append(path)
+        return names
+
+    def session(self, ctx: RunContext, client: Client, params: dict) -> int:
+        port = ctx.shared["nginx"]
+        names = self._files(ctx, client, params)
         argv = ["curl", "--silent", "--show-error", "--fail", "--cacert", str(ctx.pki.ca)]
-        argv += ["--parallel"] if params["parallel"] else []
+        argv += [*curl_tls(params), *(["--parallel"] if params["parallel"] else [])]
         for path in names:
             argv += ["-o", "/dev/null", f"https://{SERVER_ADDR}:{port}/files/{path.name}"]
+        try:
+            return _client(ctx, client, argv, params)
+        finally:
+            _remove(names)
+
+
+# the bulk cipher of each suite `draw_tls` may pick, as GnuTLS names it
+_GNUTLS_CIPHERS = {"AES128-GCM": "AES-128-GCM", "AES_128_GCM": "AES-128-GCM",
+                   "AES256-GCM": "AES-256-GCM", "AES_256_GCM": "AES-256-GCM",
+                   "CHACHA20": "CHACHA20-POLY1305"}  # fmt: skip
+
+
+def gnutls_priority(version: str, cipher: str | None) -> str:
+    """A GnuTLS priority string for exactly this TLS version and suite (Debian's wget is built
+    with GnuTLS: its --secure-protocol=TLSv1_3 fails, and --ciphers takes a priority string)."""
+    priority = f"NORMAL:-VERS-ALL:+VERS-TLS{version}"
+    if cipher:
+        bulk = next(g for name, g in _GNUTLS_CIPHERS.items() if name in cipher)
+        priority += f":-CIPHER-ALL:+{bulk}"
+    return priority
+
+
+class WgetDownload(HttpsDownload):
+    """GNU wget downloading the same kind of files from the same nginx: another HTTPS client
+    (its own TLS library, GnuTLS, and one keep-alive connection for all files)."""
+
+    name = "wget-https"
+    programs = ("nginx", "ffmpeg", "wget")
+    tls_suites13 = True  # through a GnuTLS priority string
+
+    def session(self, ctx: RunContext, client: Client, params: dict) -> int:
+        port = ctx.shared["nginx"]
+        names = self._files(ctx, client, params)
+        argv = ["wget", "--quiet", "--ca-certificate", str(ctx.pki.ca), "-O", "/dev/null"]
+        argv += ["--tries=1", "--timeout=30", "--no-config"]
+        if params.get("tls_version"):
+            argv.append(f"--ciphers={gnutls_priority(params['tls_version'], params['tls_cipher'])}")
+        argv += [f"https://{SERVER_ADDR}:{port}/files/{path.name}" for path in names]
         try:
             return _client(ctx, client, argv, params)
         finally:

@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from flagd.lab.apps.base import App, RunContext, _chown, _client, _remove, wait_tcp
+from flagd.lab.apps.base import App, RunContext, _chown, _client, _remove, curl_tls, wait_tcp
 from flagd.lab.pki import DOMAIN
 from flagd.lab.topology import SERVER_ADDR, Client, LabError
 
@@ -38,6 +38,7 @@ def _start_nginx(ctx: RunContext) -> int:
     for sub in ("tmp", "logs"):
         (base / sub).mkdir(exist_ok=True)
     port = ctx.port(443, "https")
+    protocols = "\n        ssl_protocols TLSv1.2 TLSv1.3;" if ctx.vary_tls else ""
     (base / "nginx.conf").write_text(
         f"""worker_processes 1;
 pid {base}/nginx.pid;
@@ -57,7 +58,7 @@ http {{
         listen {SERVER_ADDR}:{port} ssl;
         server_name {DOMAIN} *.{DOMAIN};
         ssl_certificate {ctx.pki.chain};
-        ssl_certificate_key {ctx.pki.key};
+        ssl_certificate_key {ctx.pki.key};{protocols}
         root {www};
     }}
 }}
@@ -229,6 +230,7 @@ class Icecast(App):
     label = "streaming"
     name = "icecast-https"
     programs = ("icecast2", "ffmpeg", "curl")
+    tls_suites13 = True
 
     def start(self, ctx: RunContext) -> None:
         _start_icecast(ctx)
@@ -248,7 +250,7 @@ class Icecast(App):
         out.unlink(missing_ok=True)
         argv = [
             "curl", "--silent", "--show-error", "--fail", "--cacert", str(ctx.pki.ca),
-            "--max-time", str(params["listen_seconds"]), "-o", str(out),
+            *curl_tls(params), "--max-time", str(params["listen_seconds"]), "-o", str(out),
             f"https://{SERVER_ADDR}:{port}/{params['station']}",
         ]  # fmt: skip
         try:
@@ -258,3 +260,22 @@ class Icecast(App):
             return 0 if rc == 28 and got > 0 else (rc or 1)
         finally:
             _remove([out])
+
+
+class IcecastFfmpeg(Icecast):
+    """An internet-radio player: ffmpeg reads a live station from icecast2 over HTTPS for the
+    session's length, as a player would (demuxing, output discarded): the second client of
+    icecast-https."""
+
+    name = "icecast-ffmpeg"
+    programs = ("icecast2", "ffmpeg")
+    tls_suites13 = None  # ffmpeg has no option for the TLS version or suite
+
+    def session(self, ctx: RunContext, client: Client, params: dict) -> int:
+        port = ctx.shared["icecast"]
+        argv = [
+            "ffmpeg", "-nostdin", "-loglevel", "error", "-ca_file", str(ctx.pki.ca),
+            "-tls_verify", "1", "-i", f"https://{SERVER_ADDR}:{port}/{params['station']}",
+            "-t", str(params["listen_seconds"]), "-c", "copy", "-f", "null", "-",
+        ]  # fmt: skip
+        return _client(ctx, client, argv, params)
