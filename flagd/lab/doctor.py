@@ -63,6 +63,7 @@ REQUIREMENTS: dict[str, Requirement] = {
             _probe(["/usr/bin/python3", "-c", "import slixmpp"]),
         ),
         Requirement("ngircd", "ngircd", _which("ngircd")),
+        Requirement("sendxmpp", "sendxmpp", _which("sendxmpp")),
         Requirement("postfix", "postfix", _which("postfix")),
         Requirement("dovecot", "dovecot-imapd", _which("dovecot")),
         Requirement("swaks", "swaks", _which("swaks")),

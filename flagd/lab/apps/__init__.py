@@ -10,7 +10,7 @@ of the lab reads.
 from __future__ import annotations
 
 from flagd.lab.apps.base import App, RunContext, wait_tcp
-from flagd.lab.apps.chat import IrcTls, Xmpp, XmppTls
+from flagd.lab.apps.chat import IrcTls, SendXmpp, Xmpp, XmppTls
 from flagd.lab.apps.email import CurlImaps, CurlSmtps, Imaps, Smtp, Smtps
 from flagd.lab.apps.file_transfer import HttpsDownload, Scp, Sftp, WgetDownload
 from flagd.lab.apps.streaming import Hls, Icecast, IcecastFfmpeg
@@ -25,6 +25,7 @@ APPS: dict[str, type[App]] = {
         Xmpp,
         XmppTls,
         IrcTls,
+        SendXmpp,
         Smtp,
         Smtps,
         Imaps,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
+import string
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from flagd.lab.apps.base import (
@@ -217,3 +220,59 @@ Ports = {port}
             f"--seed={params['seed']}", *python_tls(params),
         ]  # fmt: skip
         return _client(ctx, client, argv, params)
+
+
+# -- chat: sendxmpp (Net::XMPP, Perl) over direct TLS to the same prosody ----------------------
+
+
+class SendXmpp(App):
+    """sendxmpp in interactive mode over direct TLS (XEP-0368): each line written to its stdin
+    goes out as one message to the echo bot, at the session's rate; a second XMPP client, with
+    its own XML stream and TLS stack (Net::XMPP, IO::Socket::SSL)."""
+
+    label = "chat"
+    name = "sendxmpp-tls"
+    programs = ("prosody", "prosodyctl", DEBIAN_PYTHON, "sendxmpp")
+
+    def start(self, ctx: RunContext) -> None:
+        Xmpp().start(ctx)  # the same prosody and echo bot
+
+    def params(
+        self, rng: random.Random, seconds: float, budget_mbit: float | None = None
+    ) -> dict:
+        return _chat_params(rng, seconds)
+
+    def session(self, ctx: RunContext, client: Client, params: dict) -> int:
+        lab = ctx.lab
+        _, direct = ctx.shared["xmpp"]
+        home = ctx.workdir(f"client-{client.index}/sendxmpp")  # it looks for ~/.sendxmpprc
+        argv = [
+            "env", f"HOME={home}", "sendxmpp", "--ssl", "--tls-ca-path", str(ctx.pki.ca),
+            "--username", f"user{client.index}", "--password", "labpass",
+            "--jserver", f"{SERVER_ADDR}:{direct}", "--component", DOMAIN,
+            "--resource", "sendxmpp", "--interactive", f"bot@{DOMAIN}",
+        ]  # fmt: skip
+        rng = random.Random(params["seed"])
+        with open(lab.state / f"client-{client.index}.log", "ab") as log:
+            log.write(f"\n$ {' '.join(argv)}\n".encode())
+            log.flush()
+            proc = lab.popen(
+                client.ns, argv, must_live=False, stdin=subprocess.PIPE, stdout=log,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+            assert proc.stdin is not None
+            try:
+                for _ in range(params["messages"]):
+                    time.sleep(rng.expovariate(params["rate"]))
+                    n = rng.randint(params["min_len"], params["max_len"])
+                    line = "".join(rng.choices(string.ascii_letters + " .,!?", k=n))
+                    proc.stdin.write(line.encode() + b"\n")
+                    proc.stdin.flush()
+                time.sleep(0.5)  # the last echo comes back before the stream closes
+            except OSError:  # sendxmpp died (broken pipe): its exit status says why
+                pass
+            finally:
+                with contextlib.suppress(OSError):
+                    proc.stdin.close()  # EOF: sendxmpp closes the stream and exits
+                lab.reap(proc, 20)
+        return 124 if proc.returncode < 0 else proc.returncode
