@@ -188,6 +188,41 @@ def metrics(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarr
     }
 
 
+def auroc(inside: Sequence[float] | np.ndarray, outside: Sequence[float] | np.ndarray) -> float:
+    """Area under the ROC curve of a score meant to be higher for `inside` than for `outside`
+    flows: the probability that a random inside flow outscores a random outside one, ties
+    counting one half (the Mann-Whitney U statistic over the two sizes)."""
+    a = np.asarray(inside, np.float64).ravel()
+    b = np.asarray(outside, np.float64).ravel()
+    if not len(a) or not len(b):
+        raise ValueError("AUROC needs flows on both sides")
+    both = np.concatenate([a, b])
+    order = np.argsort(both, kind="mergesort")
+    ranks = np.empty(len(both))
+    ranks[order] = np.arange(1, len(both) + 1)
+    # tied scores share the mean of their ranks
+    uniq, inv, counts = np.unique(both, return_inverse=True, return_counts=True)
+    if len(uniq) < len(both):
+        sums = np.bincount(inv, weights=ranks)
+        ranks = (sums / counts)[inv]
+    u = ranks[: len(a)].sum() - len(a) * (len(a) + 1) / 2
+    return float(u / (len(a) * len(b)))
+
+
+def ece(confidence: Sequence[float] | np.ndarray, correct: Sequence[bool] | np.ndarray,
+        bins: int = 15) -> float:
+    """Expected calibration error: over `bins` equal-width confidence bins, the flow-weighted
+    mean of |accuracy - mean confidence| (Guo et al. 2017; 15 bins as there)."""
+    conf = np.asarray(confidence, np.float64).ravel()
+    ok = np.asarray(correct, np.float64).ravel()
+    if conf.shape != ok.shape or not len(conf):
+        raise ValueError("confidence and correct must be equally long and not empty")
+    b = np.minimum((conf * bins).astype(np.int64), bins - 1)  # confidence 1.0 in the last bin
+    n = np.bincount(b, minlength=bins)
+    gap = np.abs(np.bincount(b, ok, bins) - np.bincount(b, conf, bins))
+    return float(gap.sum() / n.sum())
+
+
 def _fmt(x: float | None, digits: int = 4) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 

@@ -17,28 +17,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
 from importlib import resources
+from typing import TYPE_CHECKING
 
 from flagd.flows import Flow
 
+if TYPE_CHECKING:  # made in flagd.infer; importing it here would pull torch into events
+    from flagd.infer import Prediction
+
 PROTO_NAMES = {6: "TCP", 17: "UDP"}
-
-
-@dataclass(frozen=True, slots=True)
-class Prediction:
-    label: str
-    confidence: float
-    top_k: tuple[tuple[str, float], ...]
-    packets_used: int
-    model: str
-
-    def to_dict(self) -> dict:
-        return {
-            "label": self.label,
-            "confidence": round(self.confidence, 4),
-            "top_k": [{"label": lab, "confidence": round(p, 4)} for lab, p in self.top_k],
-            "packets_used": self.packets_used,
-            "model": self.model,
-        }
 
 
 def timestamp(ts: float) -> str:

@@ -14,15 +14,17 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from flagd import inputs
-from flagd.events import Prediction
 from flagd.flows import Flow, FlowSettings
 from flagd.model import FlagEncoder, load_checkpoint, padding_mask, trim_padding
+from flagd.openset import FILE as OPENSET_FILE
+from flagd.openset import UNKNOWN, OpenSet
 from flagd.phrases import PhraseDict, PhraseDictError
 
 Encoded = tuple[np.ndarray, np.ndarray | None]  # flagd.inputs.encode: ids and packet context
@@ -81,15 +83,44 @@ def resolve_model(name_or_path: str | Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# CPU inference: what the daemon calls. Measured in benchmarks/bench_inference.py.
+# Inference: what the daemon calls. Measured in benchmarks/bench_inference.py.
 
 
-def prepare_for_inference(model: FlagEncoder, *, quantize: bool = True) -> FlagEncoder:
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """One flow's classification. `label` is the top class, or "unknown" when the bundle's
+    open-set rejection (or --min-confidence) refused it; `top_k` always lists the classes.
+    `confidence` is the temperature-calibrated top-1 probability; `score` the rejection score
+    (higher = more like the validation flows), None when the bundle has no rejection."""
+
+    label: str
+    confidence: float
+    top_k: tuple[tuple[str, float], ...]
+    packets_used: int
+    model: str
+    score: float | None = None
+
+    def to_dict(self) -> dict:
+        d = {
+            "label": self.label,
+            "confidence": round(self.confidence, 4),
+            "top_k": [{"label": lab, "confidence": round(p, 4)} for lab, p in self.top_k],
+            "packets_used": self.packets_used,
+            "model": self.model,
+        }
+        if self.score is not None:
+            d["score"] = round(self.score, 4)
+        return d
+
+
+def prepare_for_inference(model: FlagEncoder, *, quantize: bool = False) -> FlagEncoder:
     """A frozen, eval-mode copy for CPU inference.
 
-    quantize: dynamic int8 quantisation of every nn.Linear (weights int8 once, activations
-    quantised per batch): the matmuls dominate at these sizes and this CPU has VNNI.
-    The token embeddings and the tied masked-phrase decoder stay fp32.
+    fp32 by default: a flow's label and confidence must not depend on the flows batched with
+    it, and dynamic int8 (quantize=True, kept for comparison in the benchmarks) takes one
+    activation scale per batch, padding included: logits moved by up to 1.4 and 2% of top-1
+    labels changed with the batch (issue 12). At these model sizes the int8 matmuls saved
+    little anyway (benchmarks/bench_inference.py). The token embeddings stay fp32 either way.
     """
     model = model.eval().requires_grad_(False)
     if not quantize:
@@ -105,22 +136,42 @@ def prepare_for_inference(model: FlagEncoder, *, quantize: bool = True) -> FlagE
         return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
 
 
+def _head(model: FlagEncoder, ids: torch.Tensor,
+          ctx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one call into the encoder: class logits (B, n_classes) and the [CLS] vector (B, C).
+
+    FlagEncoder.classify's head written out so the [CLS] vector comes with the logits from
+    one forward pass (tests/test_infer.py checks the logits equal classify's)."""
+    h = model.cls_embedding(ids, ctx)  # (B, C)
+    logits = model.classifier(model.cls_drop(torch.tanh(model.pooler(h))))  # (B, n_classes)
+    return logits, h
+
+
 @torch.inference_mode()
-def predict_logits(model: FlagEncoder, ids: torch.Tensor, batch_size: int = 256,
-                   ctx: torch.Tensor | None = None) -> torch.Tensor:
-    """Class logits (N, n_classes), float32 on ids' device, for ids (N, T) (and a packet-aware
-    model's context (N, T, 4)), with padding-aware batching: rows are sorted by real length so
-    each batch holds similar lengths, then each batch is cut to its longest row. Short flows
-    (most of them) then cost only their length."""
+def predict_outputs(model: FlagEncoder, ids: torch.Tensor, batch_size: int = 256,
+                    ctx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class logits (N, n_classes) and [CLS] vectors (N, C), float32 on ids' device, for ids
+    (N, T) (and a packet-aware model's context (N, T, 4)), with padding-aware batching: rows
+    are sorted by real length so each batch holds similar lengths, then each batch is cut to
+    its longest row. Short flows (most of them) then cost only their length; padding is masked
+    out as attention keys, so a row's outputs do not depend on its batch-mates."""
     n = ids.size(0)
     order = torch.argsort(padding_mask(ids).sum(1), descending=True, stable=True)
-    out = torch.empty(n, model.cfg.n_classes, device=ids.device)
+    logits = torch.empty(n, model.cfg.n_classes, device=ids.device)
+    cls = torch.empty(n, model.cfg.n_embd, device=ids.device)
     for i in range(0, n, batch_size):
         idx = order[i : i + batch_size]
         rows = trim_padding(ids[idx])
         rows_ctx = None if ctx is None else ctx[idx, : rows.size(1)]
-        out[idx] = model.classify(rows, ctx=rows_ctx)[0].float()
-    return out
+        lg, h = _head(model, rows, rows_ctx)
+        logits[idx], cls[idx] = lg.float(), h.float()
+    return logits, cls
+
+
+def predict_logits(model: FlagEncoder, ids: torch.Tensor, batch_size: int = 256,
+                   ctx: torch.Tensor | None = None) -> torch.Tensor:
+    """Class logits (N, n_classes) only: `predict_outputs`' first half."""
+    return predict_outputs(model, ids, batch_size, ctx)[0]
 
 
 def save_bundle(out: Path, checkpoint: dict, phrases: PhraseDict, settings: FlowSettings,
@@ -152,6 +203,19 @@ def save_bundle(out: Path, checkpoint: dict, phrases: PhraseDict, settings: Flow
     return out
 
 
+def add_to_bundle(path: Path, name: str, **manifest_keys: Any) -> None:
+    """Hash `name` (already written inside the bundle at `path`) into its manifest, with any
+    other manifest keys given; the rest of the manifest stays as it is. Callers load the bundle
+    first, so only a verified bundle gets a new entry."""
+    manifest_path = path / "bundle.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest.update(manifest_keys)
+    manifest["files"][name] = sha256_file(path / name)
+    tmp = manifest_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, manifest_path)  # a reader sees the old manifest or the new, never half
+
+
 @dataclass
 class Bundle:
     name: str
@@ -162,10 +226,14 @@ class Bundle:
     settings: FlowSettings  # how flows must be built for this model
     device: str
     top_k: int = 3
+    openset: OpenSet | None = None  # calibration and rejection, when the bundle has them
+    reject: bool = True  # label flows below the rejection threshold "unknown"
+    min_confidence: float = 0.0  # and flows whose calibrated top-1 probability is below this
+    path: Path | None = None
 
     @classmethod
-    def load(cls, path: str | Path, device: str | None = None, quantize: bool = True,
-             top_k: int = 3) -> Bundle:
+    def load(cls, path: str | Path, device: str | None = None, quantize: bool = False,
+             top_k: int = 3, reject: bool = True, min_confidence: float = 0.0) -> Bundle:
         path = Path(path)
         manifest_path = path / "bundle.json"
         try:
@@ -216,43 +284,84 @@ class Bundle:
             max_len, labels = int(manifest["max_len"]), list(ckpt["labels"])
         except (KeyError, TypeError, ValueError) as e:
             raise BundleError(f"{manifest_path}: bad or missing entry ({type(e).__name__}: {e})") from None
+        openset = None
+        if OPENSET_FILE in files:  # hashed above like the rest
+            try:
+                openset = OpenSet.load(path / OPENSET_FILE)
+            except ValueError as e:
+                raise BundleError(str(e)) from None
+            n_feat = openset.reference if openset.reference is not None else openset.means
+            if n_feat is not None and n_feat.shape[1] != model.cfg.n_embd:
+                raise BundleError(f"{path / OPENSET_FILE}: fitted for another model "
+                                  f"({n_feat.shape[1]}-wide [CLS], this one is {model.cfg.n_embd})")
         return cls(manifest.get("name", path.name), model, phrases, labels, max_len, settings,
-                   device, top_k)
+                   device, top_k, openset, reject, min_confidence, path)
 
     def encode(self, flows: list[Flow]) -> Encoded:
-        return inputs.encode(self.phrases, [f.packets for f in flows], [f.sides for f in flows],
-                             self.max_len, self.model.cfg.packet_aware)
+        return self.encode_packets([f.packets for f in flows], [f.sides for f in flows])
 
-    def logits(self, encoded: Encoded) -> torch.Tensor:
+    def encode_packets(self, packets: list[list[bytes]], sides: list | None) -> Encoded:
+        """The model input for flows given as packet-byte lists and their side channels (a
+        dataset's `flows` and `sides`): what `encode` builds from live flows."""
+        return inputs.encode(self.phrases, packets, sides, self.max_len,
+                             self.model.cfg.packet_aware)
+
+    def outputs(self, encoded: Encoded) -> tuple[np.ndarray, np.ndarray]:
+        """Class logits (N, n_classes) and [CLS] vectors (N, C) as float32 numpy: the single
+        inference path; `predict` and evaluation both go through it."""
         ids, ctx = encoded
         x = torch.from_numpy(ids.astype(np.int64)).to(self.device)
         c = None if ctx is None else torch.from_numpy(ctx).to(self.device)
         if self.device == "cuda":
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                return predict_logits(self.model, x, ctx=c)
-        return predict_logits(self.model, x, ctx=c)
+                logits, cls = predict_outputs(self.model, x, ctx=c)
+        else:
+            logits, cls = predict_outputs(self.model, x, ctx=c)
+        return logits.float().cpu().numpy(), cls.float().cpu().numpy()
+
+    def decide(self, logits: np.ndarray, feats: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """Calibrated probabilities (N, n_classes), rejection scores (None without rejection)
+        and which flows are accepted, from `outputs`."""
+        t = self.openset.temperature if self.openset else 1.0
+        z = logits.astype(np.float64) / t
+        z -= z.max(1, keepdims=True)
+        probs = np.exp(z)
+        probs /= probs.sum(1, keepdims=True)
+        accept = probs.max(1) >= self.min_confidence
+        scores = None
+        if self.openset is not None:
+            scores = self.openset.score(logits, feats)
+            if self.reject:
+                accept &= scores >= self.openset.threshold
+        return probs, scores, accept
 
     def predict(self, encoded: Encoded, packets_used: list[int]) -> list[Prediction]:
-        logits = self.logits(encoded)
-        probs = torch.softmax(logits.float(), -1)
-        k = min(self.top_k, probs.size(1))
-        top_p, top_i = probs.topk(k, dim=-1)
-        top_p, top_i = top_p.tolist(), top_i.tolist()
+        probs, scores, accept = self.decide(*self.outputs(encoded))
+        k = min(self.top_k, probs.shape[1])
+        top_i = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        top_p = np.take_along_axis(probs, top_i, 1)
         labels = self.labels
         out = []
-        for ps, idx, n in zip(top_p, top_i, packets_used, strict=True):
+        for j, (ps, idx, n) in enumerate(zip(top_p.tolist(), top_i.tolist(), packets_used, strict=True)):
             top = tuple((labels[i], p) for i, p in zip(idx, ps, strict=True))
-            out.append(Prediction(top[0][0], top[0][1], top, n, self.name))
+            out.append(Prediction(top[0][0] if accept[j] else UNKNOWN, top[0][1], top, n,
+                                  self.name, None if scores is None else float(scores[j])))
         return out
+
+    def outputs_for(self, packets: list[list[bytes]], sides: list | None = None,
+                    batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
+        """`outputs` for flows given as packet-byte lists and their sides (evaluation,
+        calibration), encoded `batch` flows at a time."""
+        parts = [self.outputs(self.encode_packets(packets[i:i + batch],
+                                                  None if sides is None else sides[i:i + batch]))
+                 for i in range(0, len(packets), batch)]
+        if not parts:
+            return (np.zeros((0, len(self.labels)), np.float32),
+                    np.zeros((0, self.model.cfg.n_embd), np.float32))
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def predict_flows(self, flows: list[list[bytes]], sides: list | None = None,
                       batch: int = 512) -> np.ndarray:
-        """Class indices for flows given as packet-byte lists and their sides (evaluation)."""
-        preds = []
-        aware = self.model.cfg.packet_aware
-        for i in range(0, len(flows), batch):
-            encoded = inputs.encode(self.phrases, flows[i:i + batch],
-                                    None if sides is None else sides[i:i + batch],
-                                    self.max_len, aware)
-            preds.append(self.logits(encoded).argmax(-1).cpu().numpy())
-        return np.concatenate(preds) if preds else np.zeros(0, np.int64)
+        """Closed-set class indices (rejection off) for flows given as packet-byte lists."""
+        return self.outputs_for(flows, sides, batch)[0].argmax(-1)

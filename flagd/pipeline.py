@@ -39,7 +39,7 @@ from flagd.sinks import Sink
 from flagd.source import FlowBatch, MeterSnapshot, Source
 
 if TYPE_CHECKING:  # only in annotations: the pipeline itself never needs torch's module
-    from flagd.events import Prediction
+    from flagd.infer import Prediction
 
 
 class Classifier(Protocol):

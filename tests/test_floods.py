@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flagd.events import Prediction
 from flagd.flows import FlowSettings
 from flagd.frames import LINKTYPE_ETHERNET, Frames
+from flagd.infer import Prediction
 from flagd.pipeline import Pipeline, PipelineSettings
 from flagd.sinks import MemorySink
 from tests import floodgen

@@ -1,0 +1,289 @@
+"""Open-set rejection: a calibrated confidence, and "unknown" for flows unlike the training data.
+
+A closed-set classifier names one of its classes for every flow, however foreign. This module
+fits, on a model's validation flows (never on the flows a figure is measured on):
+
+- a temperature T for the softmax (calibration: the T that minimises the validation NLL);
+- a rejection score, higher = more in-distribution, one of
+    msp          max softmax probability at T (Hendrycks & Gimpel 2017)
+    energy       T * logsumexp(logits / T) (Liu et al. 2020)
+    mahalanobis  minus the smallest Mahalanobis distance of the [CLS] vector to a class mean,
+                 one covariance shared by all classes (Lee et al. 2018)
+    knn          cosine similarity of the unit [CLS] vector to its k-th nearest reference
+                 (validation) vector (Sun et al. 2022)
+- a threshold: the score below which a flow is "unknown", set so that `reject_rate` of the
+  validation flows fall below it. Scores of validation flows for the distance methods are
+  out-of-fold (the flow's own fold, or its own capture, is left out of the means/references),
+  or the threshold would be set on flows scored against themselves and reject too few.
+
+Which score to keep is decided by AUROC between validation flows and an *exposure* set of
+foreign flows; that set must not be the one the shipped figures are measured on.
+
+The fitted `OpenSet` is a small .npz (arrays plus a JSON header, loaded with allow_pickle=False)
+stored in the bundle and hashed in its manifest like every other file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flagd.evaluate import auroc
+
+METHODS = ("msp", "energy", "mahalanobis", "knn")
+FILE = "openset.npz"
+FORMAT = "flagd-openset"
+VERSION = 1
+UNKNOWN = "unknown"  # the label of a rejected flow
+DEFAULT_METHOD = "knn"  # without exposure data; chosen on both bundles' exposure sets (cards)
+KNN_K = 5
+FOLDS = 5
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions over logits (N, K) and [CLS] features (N, C), float arrays.
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(1, keepdims=True)
+    return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    return np.exp(log_softmax(np.asarray(logits, np.float64) / temperature))
+
+
+def nll(logits: np.ndarray, y: np.ndarray, temperature: float) -> float:
+    lp = log_softmax(np.asarray(logits, np.float64) / temperature)
+    return float(-lp[np.arange(len(y)), y].mean())
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
+    """The T in [0.05, 20] minimising the NLL of softmax(logits / T): a log-spaced grid, then a
+    golden-section search around its best point (the NLL is unimodal in log T)."""
+    y = np.asarray(y, np.int64)
+    grid = np.linspace(math.log(0.05), math.log(20.0), 61)
+    losses = [nll(logits, y, math.exp(g)) for g in grid]
+    i = int(np.argmin(losses))
+    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+    phi = (math.sqrt(5) - 1) / 2
+    for _ in range(40):
+        a, b = hi - phi * (hi - lo), lo + phi * (hi - lo)
+        if nll(logits, y, math.exp(a)) < nll(logits, y, math.exp(b)):
+            hi = b
+        else:
+            lo = a
+    return float(math.exp((lo + hi) / 2))
+
+
+def msp_score(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    return softmax(logits, temperature).max(1)
+
+
+def energy_score(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = np.asarray(logits, np.float64) / temperature
+    m = z.max(1)
+    return temperature * (m + np.log(np.exp(z - m[:, None]).sum(1)))
+
+
+def unit(feats: np.ndarray) -> np.ndarray:
+    f = np.asarray(feats, np.float64)
+    return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+
+
+def fit_mahalanobis(feats: np.ndarray, y: np.ndarray, n_classes: int,
+                    shrinkage: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """Class means (K, C) and the precision (C, C) of the covariance shared by all classes.
+
+    The covariance is shrunk towards a multiple of the identity (weight `shrinkage`): with a few
+    hundred flows in 128 dimensions the plain estimate is near-singular. A class without flows
+    gets a mean of NaN and is never the nearest."""
+    f = np.asarray(feats, np.float64)
+    means = np.full((n_classes, f.shape[1]), np.nan)
+    centred = []
+    for c in range(n_classes):
+        rows = f[y == c]
+        if len(rows):
+            means[c] = rows.mean(0)
+            centred.append(rows - means[c])
+    d = np.concatenate(centred)
+    cov = d.T @ d / max(len(d), 1)
+    target = np.trace(cov) / cov.shape[0] * np.eye(cov.shape[0])
+    cov = (1 - shrinkage) * cov + shrinkage * target
+    return means, np.linalg.inv(cov)
+
+
+def mahalanobis_score(feats: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """Minus the smallest squared Mahalanobis distance to a class mean: higher = closer."""
+    f = np.asarray(feats, np.float64)
+    ok = ~np.isnan(means).any(1)
+    mu = means[ok]
+    fp = f @ precision  # (N, C)
+    d = ((fp * f).sum(1)[:, None] - 2 * fp @ mu.T
+         + ((mu @ precision) * mu).sum(1)[None, :])  # (N, K): (x-mu)^T P (x-mu)
+    return -d.min(1)
+
+
+def knn_score(feats: np.ndarray, reference: np.ndarray, k: int = KNN_K) -> np.ndarray:
+    """Cosine similarity to the k-th nearest reference vector (both unit-normalised here)."""
+    ref = unit(reference)
+    sims = unit(feats) @ ref.T  # (N, R)
+    k = min(k, ref.shape[0])
+    return -np.partition(-sims, k - 1, axis=1)[:, k - 1]
+
+
+def threshold_for(scores: np.ndarray, reject_rate: float) -> float:
+    """The score below which `reject_rate` of these (in-distribution) scores fall."""
+    return float(np.quantile(np.asarray(scores, np.float64), reject_rate))
+
+
+def folds(n: int, groups: np.ndarray | None, seed: int = 0, k: int = FOLDS) -> np.ndarray:
+    """A fold number per row: whole groups (captures) per fold when there are enough of them,
+    so a flow's own session never scores it; otherwise rows at random."""
+    rng = np.random.default_rng(seed)
+    if groups is not None and len(np.unique(groups)) >= 2 * k:
+        uniq = np.unique(groups)
+        g_fold = dict(zip(uniq.tolist(), (rng.permutation(len(uniq)) % k).tolist(), strict=True))
+        return np.array([g_fold[g] for g in np.asarray(groups).tolist()], np.int64)
+    return rng.permutation(n) % k
+
+
+def scores_of(method: str, logits: np.ndarray, feats: np.ndarray, temperature: float,
+              means: np.ndarray | None = None, precision: np.ndarray | None = None,
+              reference: np.ndarray | None = None, k: int = KNN_K) -> np.ndarray:
+    if method == "msp":
+        return msp_score(logits, temperature)
+    if method == "energy":
+        return energy_score(logits, temperature)
+    if method == "mahalanobis":
+        return mahalanobis_score(feats, means, precision)
+    if method == "knn":
+        return knn_score(feats, reference, k)
+    raise ValueError(f"unknown rejection method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def out_of_fold_scores(method: str, logits: np.ndarray, feats: np.ndarray, y: np.ndarray,
+                       n_classes: int, temperature: float, groups: np.ndarray | None = None,
+                       seed: int = 0) -> np.ndarray:
+    """Each validation flow's score from parameters fitted without its fold (distance methods);
+    msp and energy have nothing to fit but T and are scored directly."""
+    if method in ("msp", "energy"):
+        return scores_of(method, logits, feats, temperature)
+    fold = folds(len(feats), groups, seed)
+    out = np.empty(len(feats))
+    for f in np.unique(fold):
+        test, fit = fold == f, fold != f
+        if method == "mahalanobis":
+            means, prec = fit_mahalanobis(feats[fit], y[fit], n_classes)
+            out[test] = mahalanobis_score(feats[test], means, prec)
+        else:
+            out[test] = knn_score(feats[test], feats[fit])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The fitted object a bundle carries.
+
+
+@dataclass
+class OpenSet:
+    method: str  # one of METHODS
+    temperature: float  # softmax temperature (calibration)
+    threshold: float  # score below which a flow is "unknown" (scores: higher = in-distribution)
+    reject_rate: float  # share of validation flows below the threshold (what it was set for)
+    means: np.ndarray | None = None  # mahalanobis: (K, C) class means
+    precision: np.ndarray | None = None  # mahalanobis: (C, C) shared precision
+    reference: np.ndarray | None = None  # knn: (R, C) unit vectors, stored float16
+    k: int = KNN_K
+    info: dict[str, Any] = field(default_factory=dict)  # how it was fitted (flows, AUROCs)
+
+    def score(self, logits: np.ndarray, feats: np.ndarray) -> np.ndarray:
+        """Rejection score per flow, higher = more in-distribution."""
+        return scores_of(self.method, logits, feats, self.temperature, self.means,
+                         self.precision, self.reference, self.k)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        header = {"format": FORMAT, "version": VERSION, "method": self.method,
+                  "temperature": self.temperature, "threshold": self.threshold,
+                  "reject_rate": self.reject_rate, "k": self.k, "info": self.info}
+        arrays = {"header": np.array(json.dumps(header))}
+        if self.method == "mahalanobis":
+            arrays.update(means=self.means.astype(np.float32),
+                          precision=self.precision.astype(np.float32))
+        if self.method == "knn":
+            arrays["reference"] = unit(self.reference).astype(np.float16)
+        with open(path, "wb") as f:  # np.savez on a path would append .npz to any other name
+            np.savez_compressed(f, **arrays)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> OpenSet:
+        """Read a saved OpenSet; ValueError with a one-line reason when it is not one."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                header = json.loads(str(z["header"]))
+                arrays = {k: z[k].astype(np.float64) for k in ("means", "precision", "reference")
+                          if k in z}
+        except (OSError, KeyError, ValueError) as e:
+            raise ValueError(f"{path}: not an open-set file ({e})") from None
+        if header.get("format") != FORMAT or header.get("version") != VERSION:
+            raise ValueError(f"{path}: not a {FORMAT} v{VERSION} file")
+        method = header.get("method")
+        need = {"mahalanobis": ("means", "precision"), "knn": ("reference",)}.get(method, ())
+        if method not in METHODS or any(k not in arrays for k in need):
+            raise ValueError(f"{path}: method {method!r} without its parameters")
+        return cls(method, float(header["temperature"]), float(header["threshold"]),
+                   float(header["reject_rate"]), arrays.get("means"), arrays.get("precision"),
+                   arrays.get("reference"), int(header.get("k", KNN_K)), header.get("info", {}))
+
+
+def fit(logits: np.ndarray, feats: np.ndarray, y: np.ndarray, n_classes: int, *,
+        reject_rate: float = 0.05, method: str | None = None,
+        exposure: tuple[np.ndarray, np.ndarray] | None = None,
+        groups: np.ndarray | None = None, seed: int = 0) -> OpenSet:
+    """Fit temperature, score and threshold on validation logits/features/labels.
+
+    method None: the method with the best AUROC between the validation flows and `exposure`
+    (foreign logits, features); without exposure data, DEFAULT_METHOD."""
+    if not 0 <= reject_rate < 1:
+        raise ValueError(f"reject rate {reject_rate} is not in [0, 1)")
+    y = np.asarray(y, np.int64)
+    logits, feats = np.asarray(logits, np.float64), np.asarray(feats, np.float64)
+    t = fit_temperature(logits, y)
+    info: dict[str, Any] = {"validation_flows": int(len(y)), "nll_before": nll(logits, y, 1.0),
+                            "nll_after": nll(logits, y, t)}
+    oof = {m: out_of_fold_scores(m, logits, feats, y, n_classes, t, groups, seed)
+           for m in METHODS if method in (None, m)}
+    if exposure is not None:
+        info["exposure_flows"] = int(len(exposure[0]))
+        info["exposure_auroc"] = {}
+        for m in oof:
+            foreign = _fit_params(m, logits, feats, y, n_classes, t).score(*exposure)
+            info["exposure_auroc"][m] = auroc(oof[m], foreign)
+    if method is None:
+        method = (max(info["exposure_auroc"], key=info["exposure_auroc"].get)
+                  if exposure is not None else DEFAULT_METHOD)
+    model = _fit_params(method, logits, feats, y, n_classes, t)
+    model.threshold = threshold_for(oof[method], reject_rate)
+    model.reject_rate = reject_rate
+    model.info = info
+    return model
+
+
+def _fit_params(method: str, logits: np.ndarray, feats: np.ndarray, y: np.ndarray,
+                n_classes: int, temperature: float) -> OpenSet:
+    """The method's parameters on every validation flow (threshold left at -inf)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown rejection method {method!r}; choose from {', '.join(METHODS)}")
+    o = OpenSet(method, temperature, -math.inf, 0.0)
+    if method == "mahalanobis":
+        o.means, o.precision = fit_mahalanobis(feats, y, n_classes)
+    elif method == "knn":
+        o.reference = unit(feats).astype(np.float16).astype(np.float64)  # as stored
+    return o
