@@ -12,18 +12,28 @@ seed, Debian package versions, the lab's namespaces and ports, and one record pe
 or rejected (id, class, app, tunnel, params, returncode, reason, packet/byte counts, entropy and
 per-flow 5-tuples with totals), plus a per-class summary with flows per minute.
 
-Classes and applications (`apps.CLASSES`):
+Classes and applications (`apps.CLASSES`, one module of `apps` per class):
 
     chat           xmpp-starttls, xmpp-tls       prosody; slixmpp client, echo bot
+                   sendxmpp-tls                  the same prosody and bot; sendxmpp
                    irc-tls                       ngircd (TLS only); Python client, echo bot
     email          smtp-starttls, smtps, imaps   postfix + dovecot; swaks, Python imaplib
+                   curl-smtps, curl-imaps        the same servers; curl
     file-transfer  sftp, scp, https-download     OpenSSH; nginx + curl
+                   wget-https                    the same nginx; wget (GnuTLS)
     streaming      hls-https                     nginx HLS (ffmpeg-made); ffmpeg at playback rate
-                   icecast-https                 icecast2 (TLS only), live ffmpeg source; curl
+                   icecast-https, icecast-ffmpeg icecast2 (TLS only), live ffmpeg source; curl,
+                                                 or ffmpeg as the player
     voip           sip-tls, sip-udp              baresip auto-answer, SRTP, opus/G.722/PCMU
                    linphone-tls                  linphonec calling the same answerer (TLS, SRTP)
     torrent        aria2, transmission           opentracker + aria2c seeder; two leechers
-    vpn-<class>    the same through --tunnel wireguard (wireguard-go) or openvpn (UDP, tun)
+    vpn-<class>    the same through --tunnel wireguard (wireguard-go), openvpn (UDP, tun) or
+                   ipsec (strongSwan, IKEv2 + ESP in UDP)
+
+With `--conditions random` (the default) each session also gets network conditions on its link
+(`conditions`: delay, jitter, loss, rate, MTU, TCP congestion control) and, where its client can
+choose, a TLS version and suite (`apps.base.draw_tls`); `--conditions none` plans what runs made
+before these existed.
 
 `generate.BENCHMARK_APPS` are the direct-TLS variants the honest benchmark should use. Teardown
 (processes, namespaces, state) runs on exit, on Ctrl-C, on SIGTERM and after a crashed server;
