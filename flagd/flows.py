@@ -26,6 +26,7 @@ from flagd.preprocess import Preprocessing, RuleTable, model_bytes
 from flagd.reassembly import Reassembler
 
 FIN, SYN, RST, ACK = 0x01, 0x02, 0x04, 0x10
+EMPTY, ONEWAY = 1, 2  # Flow.lists bits
 
 
 class Expiry(enum.StrEnum):
@@ -95,6 +96,9 @@ class Flow:
     fin_toserver: bool = False
     fin_toclient: bool = False
     syn_seq: int | None = None  # sequence number of the client's SYN (TCP), to tell a retry
+    # Which of the table's side orders hold the flow: EMPTY (no relevant packet yet), ONEWAY (no
+    # packet back yet). One field, so the hot loop tests one attribute for both.
+    lists: int = 0
     closed_at: float | None = None
     ready: bool = False
     expiry: Expiry | None = None
@@ -237,7 +241,7 @@ class FlowTable:
         empty, touch_empty = self.empty, self.empty.move_to_end
         oneway, touch_oneway = self.oneway, self.oneway.move_to_end
         names = self.rules.names
-        syn, syn_ack, fin_rst = SYN, SYN | ACK, FIN | RST
+        syn, syn_ack, fin_rst, control = SYN, SYN | ACK, FIN | RST, SYN | FIN | RST
         now = self.now
         columns = zip(range(len(keys)), keys, p.ts[rows].tolist(), src_high,
                       p.tcp_flags[rows].tolist(), codes, wirelen, strict=True)
@@ -265,29 +269,33 @@ class FlowTable:
                 f = self._new(p, int(rows[j]), key, high, now)
             else:
                 touch(key)
-                if not f.relevant:
-                    touch_empty(key)
-                if not f.pkts_toclient:
-                    touch_oneway(key)
+                if f.lists:
+                    if f.lists & EMPTY:
+                        touch_empty(key)
+                    if f.lists & ONEWAY:
+                        touch_oneway(key)
             gap, f.last = now - f.last, now
             if high == f.client_is_high:
                 f.pkts_toserver += 1
                 f.bytes_toserver += size
             else:
-                if not f.pkts_toclient:
+                if f.lists & ONEWAY:
                     del oneway[key]
+                    f.lists &= ~ONEWAY
                 f.pkts_toclient += 1
                 f.bytes_toclient += size
-            if fl & syn and f.syn_seq is None and (fl & syn_ack) == syn and high == f.client_is_high:
-                f.syn_seq = self._seq(p, rows[j])
-            if fl & fin_rst and f.closed_at is None:  # TCP only: UDP rows have no flags
-                self._closing(f, fl, high == f.client_is_high, now)
+            if fl & control:  # TCP only: UDP rows have no flags
+                if (fl & syn_ack) == syn and f.syn_seq is None and high == f.client_is_high:
+                    f.syn_seq = self._seq(p, rows[j])
+                if fl & fin_rst and f.closed_at is None:
+                    self._closing(f, fl, high == f.client_is_high, now)
             if code:
                 if f.drop_rule is None:
                     f.drop_rule = names[code - 1]
             else:
-                if not f.relevant:
+                if f.lists & EMPTY:
                     del empty[key]
+                    f.lists &= ~EMPTY
                 if f.relevant < k_ready:
                     self._keep(f, p, int(rows[j]), (int(high != f.client_is_high), size, gap))
                 f.relevant += 1
@@ -330,7 +338,7 @@ class FlowTable:
             key=key, flow_id=_flow_id(key, now), version=int(p.version[i]), proto=int(p.proto[i]),
             client=p.src[i].tobytes(), server=p.dst[i].tobytes(),
             client_port=int(p.sport[i]), server_port=int(p.dport[i]),
-            start=now, last=now, client_is_high=src_high,
+            start=now, last=now, client_is_high=src_high, lists=EMPTY | ONEWAY,
         )
         self.flows[key] = f
         self.empty[key] = f
@@ -340,9 +348,9 @@ class FlowTable:
     def _end(self, f: Flow, reason: Expiry) -> None:
         del self.flows[f.key]
         counted: str = reason
-        if not f.pkts_toclient:
+        if f.lists & ONEWAY:
             del self.oneway[f.key]
-        if not f.relevant:
+        if f.lists & EMPTY:
             del self.empty[f.key]
             if reason == Expiry.LIMIT:
                 counted = LIMIT_EMPTY
