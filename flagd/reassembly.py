@@ -154,7 +154,7 @@ class Reassembler:
         """The batch with its TCP/UDP fragments taken out and the datagrams they complete put in
         (decoded) where their last fragment was. `now` is the meter's clock before this batch."""
         if self.pending:
-            self.expire(max(now, float(p.ts.max())) if len(p) else now)
+            self.expire(now)
         cand = np.flatnonzero(p.frag & ((p.proto == PROTO_TCP) | (p.proto == PROTO_UDP)))
         if not len(cand):
             return p
@@ -174,6 +174,9 @@ class Reassembler:
                 self._count(Skip.FRAGMENT)  # only the last fragment may end off an 8-byte mark
                 continue
             d = self.pending.get(key)
+            if d is not None and now - d.created > s.timeout:  # its timer ran out in this batch
+                self._drop(key, Skip.FRAG_TIMEOUT)
+                d = None
             if d is None:
                 if len(self.pending) >= s.max_datagrams:
                     self._drop(next(iter(self.pending)), Skip.FRAG_LIMIT)

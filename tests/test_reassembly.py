@@ -114,6 +114,14 @@ def test_incomplete_datagram_times_out_on_the_meter_clock():
     assert table.flush() == [] and table.stats.skipped == {"frag_timeout": 3}
 
 
+def test_a_fragment_after_the_timeout_in_the_same_batch_starts_over():
+    frags = fragment(udp4(b"q" * 64), fragsize=32)
+    table = FlowTable()
+    out = table.add(decode(frames([(0.0, frags[0]), (0.1, frags[1]), (40.0, frags[2])])))
+    assert out == [] and table.stats.skipped == {"frag_timeout": 2}
+    assert len(table.reassembler) == 1  # the late fragment waits for a new datagram
+
+
 def test_bounds_on_datagrams_held_and_fragments_per_datagram():
     r = Reassembler(ReassemblySettings(max_datagrams=2, max_fragments=3))
     firsts = [fragment(udp4(b"w" * 64, ident=k), fragsize=32)[0] for k in range(3)]
