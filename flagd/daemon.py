@@ -45,6 +45,8 @@ class RunConfig:
     active_timeout: float = 1800.0
     max_flows: int = 262_144
     top_k: int = 3
+    reject: bool = True  # open-set rejection: flows unlike the model's data are "unknown"
+    min_confidence: float = 0.0  # also "unknown" below this calibrated top-1 probability
     sensor: str | None = None  # None = this host's name
     anonymize: bool = False
     anonymize_key: str | None = None  # required with anonymize: the HMAC key for pseudonyms
