@@ -67,9 +67,9 @@ def test_train_runs_the_protocol_and_writes_reports(trained):
     report = json.loads((out / "report.json").read_text())
     names = {(row["name"], row["labels"]) for row in report["rows"]}
     for mode in ("paper", "honest"):
-        for variant in ("flag", "no-pretrain", "bytes-only"):
+        for variant in ("flag", "flag-flat", "no-pretrain", "bytes-only", "rf"):
             for frac in (1.0, 0.1):
-                assert (f"{mode}: {variant}", frac) in names
+                assert (f"{mode}: {'random forest' if variant == 'rf' else variant}", frac) in names
                 run_report = json.loads((out / mode / f"{variant}-{int(frac * 100)}" / "report.json").read_text())
                 jsonschema.validate(run_report, REPORT_SCHEMA)
                 assert run_report["n_flows"] > 0
@@ -78,6 +78,33 @@ def test_train_runs_the_protocol_and_writes_reports(trained):
     assert all(not (a & b) for i, a in enumerate(sets) for b in sets[i + 1:])  # disjoint
     assert (out / "paper" / "flag-100" / "model" / "bundle.json").exists()
     assert "Comparison" in output and "0.9865" in output  # the paper's figure alongside
+    assert "acc - RF" in output
+    # the flat variant is the paper's input; the others see the packet context
+    flat = json.loads((out / "paper" / "flag-flat-100" / "config.json").read_text())
+    aware = json.loads((out / "paper" / "flag-100" / "config.json").read_text())
+    assert not flat["model"]["packet_aware"] and aware["model"]["packet_aware"]
+
+
+def test_product_mode_pretrains_on_extra_captures_and_records_its_test_flows(tmp_path):
+    tree = make_tree(tmp_path / "tree")
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    crafted.write_pcap(extra / "other.pcap", flows_of("tls", 20, seed=99), LINKTYPE_ETHERNET)
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["train", str(tree), "-o", str(out), "--mode", "product",
+                            "--variant", "flag", "--variant", "rf", "--unlabelled", str(extra),
+                            "--preset", "tiny", "--max-len", "48", "--vocab-size", "512",
+                            "--pretrain-epochs", "1", "--finetune-epochs", "2", "--batch-size", "16"])
+    assert r.exit_code == 0, r.output
+    assert "20 extra unlabelled flows for pre-training" in r.output
+    split = json.loads((out / "product" / "split.json").read_text())
+    assert not split["unlabelled"] and len(split["test"]) == 18  # 10% of 3 x 60
+    pre = json.loads((out / "product" / "pretrain-phrases" / "config.json").read_text())
+    assert pre["train"]["n_train"] == len(split["train"]) + 20  # labels unused, test never
+    test_flows = json.loads((out / "product" / "flag-100" / "model" / "test-flows.json").read_text())
+    assert len(test_flows) == 18 and all(c.endswith(".pcap") for c, _ in test_flows)
+    r = runner.invoke(app, ["train", str(tree), "-o", str(out), "--variant", "nope"])
+    assert r.exit_code == 2 and "unknown variant or mode: nope" in r.output
 
 
 def test_dataset_vocab_evaluate_commands(tmp_path):
