@@ -51,13 +51,17 @@ def _speed(value: str) -> float | None:
     return f
 
 
-def _load_model(model: str | None, no_model: bool, top_k: int):
+def _load_model(model: str | None, no_model: bool, top_k: int, reject: bool = True,
+                min_confidence: float = 0.0):
     """The bundle to classify with, or None for flow events only."""
     if no_model:
         return None  # without a model, torch is never imported
     from flagd.infer import Bundle, BundleError, default_model, resolve_model
+    if not 0 <= min_confidence <= 1:
+        raise fail(f"min_confidence {min_confidence} is not in [0, 1]", Exit.USAGE)
     try:
-        return Bundle.load(resolve_model(model) if model else default_model(), top_k=top_k)
+        return Bundle.load(resolve_model(model) if model else default_model(), top_k=top_k,
+                           reject=reject, min_confidence=min_confidence)
     except BundleError as e:
         raise fail(str(e)) from None
 
@@ -101,6 +105,7 @@ ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Model bundl
 NoModelOpt = Annotated[bool, typer.Option("--no-model", help="Only meter flows; classify nothing.")]
 LogOpt = Annotated[str | None, typer.Option("--log", "-l", help="JSONL event log ('-' = stdout).")]
 DashOpt = Annotated[bool | None, typer.Option("--dashboard/--no-dashboard", help="Terminal dashboard [default: when stdout is a terminal and --log is a file].")]
+MinConfOpt = Annotated[float | None, typer.Option("--min-confidence", help="Label a flow unknown below this calibrated top-1 probability too (besides the bundle's open-set rejection) [default: 0, or min_confidence in the config].")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file (see README); options given here override it.")]
 
 
@@ -117,7 +122,8 @@ def _serve(cfg, model: str | None, no_model: bool, open_source) -> None:
     from flagd.source import FileSource
 
     steady_malloc()
-    bundle = _load_model(model or cfg.model, no_model, cfg.top_k)  # fail before capturing
+    bundle = _load_model(model or cfg.model, no_model, cfg.top_k, cfg.reject,
+                         cfg.min_confidence)  # fail before capturing
     notices = Notices()
     try:
         settings = cfg.pipeline_settings(bundle.settings if bundle else FlowSettings())
@@ -148,6 +154,7 @@ def replay(
     batch_delay_ms: Annotated[float | None, typer.Option(help="Longest wait for a batch to fill.")] = None,
     stats_interval: Annotated[float | None, typer.Option(help="Seconds between stats events (0: only the final one).")] = None,
     anonymize: Annotated[bool | None, typer.Option("--anonymize/--no-anonymize", help="Keyed-hash pseudonyms instead of addresses in events (key: anonymize_key in the config file).")] = None,
+    min_confidence: MinConfOpt = None,
 ) -> None:
     """Run the classification pipeline on capture files and write their events (one log, one
     final stats event). An unreadable file is named with its reason and skipped; the exit
@@ -159,7 +166,7 @@ def replay(
     try:
         cfg = RunConfig.load(config, log=log, dashboard=dashboard, batch_size=batch_size,
                              batch_delay_ms=batch_delay_ms, stats_interval=stats_interval,
-                             anonymize=anonymize)
+                             anonymize=anonymize, min_confidence=min_confidence)
     except ValueError as e:
         raise fail(str(e)) from None
     if not expand_captures(captures):
@@ -183,6 +190,7 @@ def run(
     stats_interval: Annotated[float | None, typer.Option(help="Seconds between stats events.")] = None,
     workers: Annotated[int | None, typer.Option(help="Capture processes in one AF_PACKET fanout group (flows hashed symmetrically).")] = None,
     anonymize: Annotated[bool | None, typer.Option("--anonymize/--no-anonymize", help="Keyed-hash pseudonyms instead of addresses in events (key: anonymize_key in the config file).")] = None,
+    min_confidence: MinConfOpt = None,
 ) -> None:
     """Capture live traffic on an interface and classify every flow."""
     import pwd
@@ -204,14 +212,14 @@ def run(
             except PrivilegeError as e:
                 raise fail(str(e)) from None
         _run(iface, log, model, no_model, bpf, promisc, user, dashboard, config, batch_size,
-             batch_delay_ms, stats_interval, workers, anonymize, helper)
+             batch_delay_ms, stats_interval, workers, anonymize, helper, min_confidence)
     finally:
         if helper is not None:
             helper.close()
 
 
 def _run(iface, log, model, no_model, bpf, promisc, user, dashboard, config, batch_size,
-         batch_delay_ms, stats_interval, workers, anonymize, helper) -> None:
+         batch_delay_ms, stats_interval, workers, anonymize, helper, min_confidence=None) -> None:
     from flagd.capture import open_capture
     from flagd.daemon import RunConfig
     from flagd.source import FanoutSource, LiveSource
@@ -220,7 +228,7 @@ def _run(iface, log, model, no_model, bpf, promisc, user, dashboard, config, bat
         cfg = RunConfig.load(config, iface=iface, log=log, bpf=bpf, promisc=promisc, user=user,
                              dashboard=dashboard, batch_size=batch_size, workers=workers,
                              batch_delay_ms=batch_delay_ms, stats_interval=stats_interval,
-                             anonymize=anonymize)
+                             anonymize=anonymize, min_confidence=min_confidence)
     except ValueError as e:
         raise fail(str(e)) from None
     if not cfg.iface:
@@ -456,6 +464,30 @@ def finetune(
     typer.echo(f"{bundle}: model bundle (use with --model)")
 
 
+def _flows_for(bundle, paths: list[Path], labels: str | None) -> list:
+    """Datasets for `bundle` from .npz files (checked: same K, B and preprocessing as the model
+    reads) or capture trees (built with the bundle's settings; labels None: unlabelled)."""
+    from flagd.dataset import Dataset, DatasetError, build
+    from flagd.infer import BundleError
+    from flagd.labels import labeller
+
+    for p in paths:
+        if not p.exists():
+            raise fail(f"{p}: no such file or directory")
+    sets = []
+    try:
+        for p in paths:
+            if p.suffix == ".npz":
+                ds = Dataset.load(p)
+                bundle.check_dataset(ds.settings, str(p))
+            else:
+                ds = build([p], bundle.settings, labeller(labels) if labels else None)
+            sets.append(ds)
+    except (DatasetError, BundleError) as e:
+        raise fail(str(e)) from None
+    return sets
+
+
 @app.command(name="evaluate")
 def evaluate_cmd(
     model: Annotated[str, typer.Argument(help="Model bundle: a shipped bundle's name (see `flagd models`) or a bundle directory.")],
@@ -463,54 +495,115 @@ def evaluate_cmd(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
     heatmap: Annotated[Path | None, typer.Option(help="Confusion-matrix PNG [default: next to --json].")] = None,
     labels: LabelsOpt = "dir",
+    foreign: Annotated[list[Path] | None, typer.Option("--foreign", help="Flows from outside the model's classes (dataset .npz or capture tree; labels unused), repeatable: AUROC and share labelled unknown.")] = None,
 ) -> None:
-    """Score a model on labelled flows: TPR/FPR/FTF (paper), accuracy, macro-F1, confusion."""
+    """Score a model on labelled flows: TPR/FPR/FTF (paper), accuracy, macro-F1, confusion
+    (rejection off), then open-set figures: coverage, accuracy on accepted flows, ECE before and
+    after temperature scaling, and per --foreign source AUROC and rejection rate."""
+    import numpy as np
     from rich.console import Console
 
     from flagd import evaluate
-    from flagd.dataset import Dataset, DatasetError, build
     from flagd.infer import Bundle, BundleError, resolve_model
-    from flagd.labels import labeller
+    from flagd.openset import labels_for, msp_score, softmax
 
     try:
         bundle = Bundle.load(resolve_model(model))
     except BundleError as e:
         raise fail(str(e)) from None
-    for p in data:
-        if not p.exists():
-            raise fail(f"{p}: no such file or directory")
-    sets = []
+    sets = _flows_for(bundle, data, labels)
+    foreign_sets = [(p, _flows_for(bundle, [p], None)[0]) for p in foreign or []]
     try:
-        for p in data:
-            if p.suffix == ".npz":
-                ds = Dataset.load(p)
-                if ds.settings["preprocessing"] != bundle.settings.preprocessing.to_dict():
-                    raise fail(f"{p}: built with other preprocessing than {model} expects; rebuild it")
-                sets.append(ds)
-            else:
-                sets.append(build([p], bundle.settings, labeller(labels)))
-    except DatasetError as e:
+        y = np.concatenate([labels_for(bundle.labels, ds) for ds in sets])
+    except ValueError as e:
         raise fail(str(e)) from None
-    flows, sides, y, dropped = [], [], [], 0
-    for ds in sets:
-        unknown = set(ds.classes) - set(bundle.labels)
-        if unknown:
-            raise fail(f"classes the model does not know: {', '.join(sorted(unknown))}")
-        index = [bundle.labels.index(c) for c in ds.classes]
-        flows += ds.flows
-        sides += ds.sides
-        y += [index[i] for i in ds.labels]
-        dropped += sum(ds.stats.get("dropped", {}).values())
-    if not flows:
+    if not len(y):
         raise fail("no flow with a relevant packet in the data")
-    pred = bundle.predict_flows(flows, sides)
-    report = evaluate.metrics(y, pred, bundle.labels, n_dropped=dropped)
-    Console().print(evaluate.render_table(report))
+    dropped = sum(sum(ds.stats.get("dropped", {}).values()) for ds in sets)
+    logits, feats = bundle.outputs_for([f for ds in sets for f in ds.flows],
+                                       [s for ds in sets for s in ds.sides])
+    report = evaluate.metrics(y, logits.argmax(1), bundle.labels, n_dropped=dropped)
+
+    def decide(lg, ft):  # scores and acceptance; max softmax when no rejection was fitted
+        _, scores, accept = bundle.decide(lg, ft)
+        return (msp_score(lg) if scores is None else scores), accept
+
+    o = bundle.openset
+    probs_after = bundle.decide(logits, feats)[0]
+    scores, accept = decide(logits, feats)
+    far = {}
+    for p, ds in foreign_sets:
+        if not len(ds):
+            raise fail(f"{p}: no flow with a relevant packet")
+        far[p.stem] = decide(*bundle.outputs_for(ds.flows, ds.sides))
+    report["openset"] = evaluate.openset_report(
+        y, softmax(logits), probs_after, scores, accept, far,
+        method=o.method if o else None, temperature=o.temperature if o else 1.0,
+        threshold=o.threshold if o else None, min_confidence=bundle.min_confidence)
+    console = Console()
+    console.print(evaluate.render_table(report))
+    console.print(evaluate.render_openset(report))
     if json_out:
         evaluate.write_json(report, json_out)
         evaluate.save_heatmap(report, heatmap or json_out.with_suffix(".png"))
     elif heatmap:
         evaluate.save_heatmap(report, heatmap)
+
+
+@app.command()
+def calibrate(
+    model: Annotated[Path, typer.Argument(help="Model bundle directory (rewritten: openset.npz and its hash in bundle.json).")],
+    val: Annotated[list[Path], typer.Argument(help="The model's validation flows: datasets (.npz) or capture trees (class = directory), never its test flows.")],
+    reject_rate: Annotated[float, typer.Option(help="Share of validation flows the threshold labels unknown.")] = 0.05,
+    method: Annotated[str, typer.Option(help="auto (best AUROC against --exposure; without it knn), msp, energy, mahalanobis or knn.")] = "auto",
+    exposure: Annotated[list[Path] | None, typer.Option(help="Foreign flows to choose the method on (dataset or capture tree; labels unused); never the data a figure is measured on. Repeatable.")] = None,
+    labels: LabelsOpt = "dir",
+) -> None:
+    """Fit a bundle's calibration (temperature) and open-set rejection (score and threshold)."""
+    from flagd.infer import Bundle, BundleError
+    from flagd.openset import METHODS, fit_rejection
+
+    if method != "auto" and method not in METHODS:
+        raise fail(f"unknown method {method!r}: auto, {', '.join(METHODS)}", Exit.USAGE)
+    if not 0 <= reject_rate < 1:
+        raise fail(f"--reject-rate {reject_rate} is not in [0, 1)", Exit.USAGE)
+    try:
+        bundle = Bundle.load(model, device="cpu")
+    except BundleError as e:
+        raise fail(str(e)) from None
+    sets = _flows_for(bundle, val, labels)
+    exp = [ds for p in exposure or [] for ds in _flows_for(bundle, [p], None)]
+    val_ds = sets[0] if len(sets) == 1 else _concat(sets)
+    try:
+        o = fit_rejection(model, val_ds, reject_rate=reject_rate,
+                          method=None if method == "auto" else method, exposure=exp or None)
+    except (ValueError, BundleError) as e:
+        raise fail(str(e)) from None
+    aurocs = o.info.get("exposure_auroc")
+    typer.echo(f"{model}: {o.method} rejection, threshold {o.threshold:.4f} ({reject_rate:.0%} of "
+               f"{o.info['validation_flows']} validation flows below it), temperature "
+               f"{o.temperature:.3f} (NLL {o.info['nll_before']:.4f} -> {o.info['nll_after']:.4f})")
+    if aurocs:
+        typer.echo("AUROC against the exposure flows: "
+                   + ", ".join(f"{m} {a:.4f}" for m, a in aurocs.items()))
+
+
+def _concat(sets: list):
+    """One dataset of several (same settings; classes merged by name)."""
+    import numpy as np
+
+    from flagd.dataset import Dataset
+
+    classes = sorted({c for ds in sets for c in ds.classes})
+    labels = np.concatenate([np.array([classes.index(ds.classes[i]) if i >= 0 else -1
+                                       for i in ds.labels], np.int64) for ds in sets])
+    sources, source = [], []
+    for ds in sets:
+        source.append(np.asarray(ds.source) + len(sources))
+        sources += ds.sources
+    return Dataset([f for ds in sets for f in ds.flows], [s for ds in sets for s in ds.sides],
+                   labels, classes, np.concatenate(source), sources,
+                   np.concatenate([ds.start for ds in sets]), sets[0].settings, {})
 
 
 @app.command()
@@ -566,5 +659,7 @@ def train(
         rows = run_protocol(tree, out, proto, label_kind=labels)
     except ValueError as e:  # e.g. too few flows to split
         raise fail(str(e)) from None
-    Console().print(compare_table(rows, title=f"Comparison on {', '.join(map(str, tree))}"))
+    console = Console()
+    console.width = max(console.width, 132)  # the table's 10 columns, even when piped
+    console.print(compare_table(rows, title=f"Comparison on {', '.join(map(str, tree))}"))
     typer.echo(f"{out}/report.json")
