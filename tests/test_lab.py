@@ -653,6 +653,25 @@ def test_session_flows_are_the_flow_meters():
     assert len(kept) == 2 + 2 + 1 + 1  # two of each TCP flow, the UDP flow, the ESP packet
 
 
+def test_the_tail_of_an_earlier_sessions_connection_is_not_written():
+    """A TCP flow whose first captured packet is no SYN began before the capture (a server
+    still writing to a client that quit): recorded as such, left out of the written capture."""
+    from scapy.layers.inet import IP, TCP
+
+    syn = crafted.ether(IP(src="192.0.2.2", dst="203.0.113.2") / TCP(sport=40001, dport=443, flags="S"))
+    fresh = Frames.concat(
+        [Frames.from_records([(999.0, syn, len(syn), 1)]), frames_of(random_payloads(6), sport=40001)]
+    )
+    tail = frames_of(random_payloads(5), sport=40000)  # mid-connection: no SYN
+    frames = Frames.concat([tail, fresh])
+    stats = session_stats(frames)
+    assert [(f.sport, f.began) for f in stats.flows] == [(40000, False), (40001, True)]
+    kept = keep_first(frames, 0, drop_earlier=True)
+    assert len(kept) == 7 and [f.sport for f in session_stats(kept).flows] == [40001]
+    assert len(keep_first(frames, 3, drop_earlier=True)) == 3
+    assert len(keep_first(frames, 0)) == 12  # without drop_earlier nothing goes
+
+
 def test_pcap_round_trip(tmp_path):
     frames = frames_of(random_payloads(7, 90))
     frames.ts[:] = 1_700_000_000.123456789 + np.arange(7)

@@ -282,7 +282,7 @@ def run_session(
         reason = f"capture dropped {capture.dropped} packets"
     if reason is None and capture.received != stats.packets:
         reason = f"the kernel saw {capture.received} packets, the capture holds {stats.packets}"
-    kept = keep_first(frames, settings.keep_packets) if reason is None else None
+    kept = keep_first(frames, settings.keep_packets, drop_earlier=True) if reason is None else None
     record = {
         "id": job.id,
         "class": job.label,

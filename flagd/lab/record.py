@@ -5,7 +5,8 @@ the length of one session. The frames then go through `session_stats` (per-flow 
 counts over everything seen, computed before anything is cut; a flow is the flow meter's own,
 `flows.flow_keys` over `packets.decode`, so the lab labels exactly the flows the daemon meters), `validate` (is this a real,
 encrypted, lab-only session worth a label?) and `keep_first` (at most N packets per flow on disk:
-shaped bulk transfers would otherwise fill the disk with payload no model looks at), and are
+shaped bulk transfers would otherwise fill the disk with payload no model looks at; and none of
+a connection an earlier session opened, whose tail can still arrive), and are
 written with `write_pcap` (classic pcap, nanosecond timestamps; ~15 lines of struct).
 """
 
@@ -25,10 +26,11 @@ from flagd.events import ip_text
 from flagd.flows import flow_keys
 from flagd.frames import Frames
 from flagd.lab.topology import LAB_NETS, in_netns
-from flagd.packets import Packets, Skip, decode
+from flagd.packets import PROTO_TCP, Packets, Skip, decode
 
 PCAP_MAGIC_NS = 0xA1B23C4D  # classic pcap, nanosecond timestamps
 PCAP_SNAPLEN = 262144
+TCP_SYN = 0x02
 
 
 def write_pcap(path: Path, frames: Frames) -> None:
@@ -117,6 +119,9 @@ class FlowStat:
     packets: int
     bytes: int  # wire bytes, both directions
     payload: int  # transport payload bytes, both directions
+    # False: a TCP flow whose first packet here is no SYN, the tail of a connection an earlier
+    # session on this link opened (a server still writing to a client that quit); not written
+    began: bool = True
 
 
 @dataclass(frozen=True)
@@ -149,6 +154,11 @@ def flow_ids(pk: Packets) -> tuple[np.ndarray, np.ndarray]:
     rank[order] = np.arange(len(order))
     ids[rows] = rank[inverse.ravel()]
     return ids, rows[first[order]]
+
+
+def _began(pk: Packets, first: np.ndarray) -> np.ndarray:
+    """Per flow: did it begin in this capture (not a TCP flow whose first packet lacks SYN)?"""
+    return (pk.proto[first] != PROTO_TCP) | ((pk.tcp_flags[first] & TCP_SYN) != 0)
 
 
 def _payload_entropy(frames: Frames, pk: Packets, ids: np.ndarray) -> float:
@@ -188,6 +198,7 @@ def session_stats(frames: Frames) -> SessionStats:
     packets = np.bincount(ids[sel], minlength=n)
     wire = np.bincount(ids[sel], weights=pk.wirelen[sel], minlength=n)
     payload = np.bincount(ids[sel], weights=pk.payload_len[sel], minlength=n)
+    began = _began(pk, first)
     flows = [
         FlowStat(
             int(pk.proto[i]),
@@ -198,6 +209,7 @@ def session_stats(frames: Frames) -> SessionStats:
             int(packets[k]),
             int(wire[k]),
             int(payload[k]),
+            bool(began[k]),
         )
         for k, i in enumerate(first.tolist())
     ]
@@ -246,16 +258,22 @@ def validate(
     return None
 
 
-def keep_first(frames: Frames, per_flow: int) -> Frames:
-    """The frames with at most `per_flow` packets of each flow (non TCP/UDP frames all kept)."""
-    if per_flow <= 0 or not len(frames):
+def keep_first(frames: Frames, per_flow: int, drop_earlier: bool = False) -> Frames:
+    """The frames with at most `per_flow` packets of each flow (0: all; non TCP/UDP frames all
+    kept); with `drop_earlier`, none of the flows that did not begin in the capture."""
+    if (per_flow <= 0 and not drop_earlier) or not len(frames):
         return frames
-    ids, _ = flow_ids(decode(frames))
+    pk = decode(frames)
+    ids, first = flow_ids(pk)
+    if drop_earlier:
+        earlier = np.flatnonzero(~_began(pk, first))
+        ids = np.where(np.isin(ids, earlier), -2, ids)  # -2: dropped below
+    per_flow = per_flow if per_flow > 0 else len(frames)
     sel = np.flatnonzero(ids >= 0)
     order = np.argsort(ids[sel], kind="stable")  # each flow's packets together, in time order
     grouped = ids[sel][order]
     starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]])
     rank = np.arange(len(grouped)) - np.repeat(starts, np.diff(np.r_[starts, len(grouped)]))
-    keep = np.ones(len(frames), bool)
+    keep = ids != -2
     keep[sel[order]] = rank < per_flow
     return frames if keep.all() else select(frames, np.flatnonzero(keep))
