@@ -2,6 +2,7 @@
 
     python benchmarks/lab_throughput.py [--classes chat,email,...] [--tunnels none,wireguard]
                                         [--sessions 3] [--seconds 8] [--clients 1,4] [--keep DIR]
+                                        [--conditions none|random]
 
 Runs `flagd lab generate` once per --clients value (the first is the baseline, normally one
 client namespace), each on the same classes, seed and session plan, and prints per class:
@@ -78,6 +79,10 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=8.0)
     p.add_argument("--clients", default="1", help="comma-separated; the first is the baseline")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--conditions", default="random", choices=["none", "random"],
+        help="network conditions per session (as flagd lab generate --conditions)",
+    )  # fmt: skip
     p.add_argument("--keep", type=Path, help="keep the captures here (default: a temp dir)")
     a = p.parse_args()
     classes = []
@@ -105,6 +110,7 @@ def main() -> None:
                 seconds=a.seconds,
                 clients=clients,
                 seed=a.seed,
+                conditions=a.conditions,
             )
             print(
                 f"\n{clients} client namespace(s), {a.sessions} sessions per class, ~{a.seconds:g} s each:"
