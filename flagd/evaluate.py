@@ -94,6 +94,37 @@ REPORT_SCHEMA: dict[str, Any] = {
             "items": {"type": "array", "items": _COUNT},
         },
         "class_names": {"type": "array", "items": {"type": "string"}, "uniqueItems": True},
+        "openset": {
+            "description": "open-set rejection at the bundle's threshold (the closed-set figures "
+                           "above have rejection off)",
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["method", "temperature", "threshold", "coverage", "accepted_accuracy",
+                         "rejection_rate", "ece_before", "ece_after", "foreign"],
+            "properties": {
+                "method": {"type": ["string", "null"], "description": "null: no rejection fitted"},
+                "temperature": {"type": "number", "exclusiveMinimum": 0},
+                "threshold": {"type": ["number", "null"]},
+                "min_confidence": {"type": "number", "minimum": 0, "maximum": 1},
+                "coverage": {**_UNIT, "description": "share of flows accepted (not unknown)"},
+                "accepted_accuracy": {**_RATE, "description": "accuracy on accepted flows"},
+                "rejection_rate": {**_UNIT, "description": "share labelled unknown: 1 - coverage"},
+                "ece_before": {**_UNIT, "description": "ECE, 15 bins, softmax at T = 1"},
+                "ece_after": {**_UNIT, "description": "ECE, 15 bins, at the fitted temperature"},
+                "foreign": {
+                    "description": "per foreign source: flows, AUROC of the rejection score "
+                                   "(these flows vs the scored ones), share labelled unknown",
+                    "type": "object",
+                    "additionalProperties": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["n_flows", "auroc", "rejection_rate"],
+                        "properties": {"n_flows": {**_COUNT, "minimum": 1}, "auroc": _UNIT,
+                                       "rejection_rate": _UNIT},
+                    },
+                },
+            },
+        },
     },
 }
 
@@ -221,6 +252,57 @@ def ece(confidence: Sequence[float] | np.ndarray, correct: Sequence[bool] | np.n
     n = np.bincount(b, minlength=bins)
     gap = np.abs(np.bincount(b, ok, bins) - np.bincount(b, conf, bins))
     return float(gap.sum() / n.sum())
+
+
+def openset_report(y_true: Sequence[int] | np.ndarray, probs_before: np.ndarray,
+                   probs_after: np.ndarray, scores: np.ndarray, accepted: np.ndarray,
+                   foreign: dict[str, tuple[np.ndarray, np.ndarray]], *, method: str | None,
+                   temperature: float, threshold: float | None,
+                   min_confidence: float = 0.0) -> dict[str, Any]:
+    """The report's `openset` part, from arrays the caller computed with the model.
+
+    probs_before/after: softmax at T = 1 and at the fitted T (N, K); scores: rejection score per
+    flow (higher = in-distribution); accepted: not labelled unknown; foreign: per source name,
+    its (scores, accepted)."""
+    y = np.asarray(y_true, np.int64)
+    accepted = np.asarray(accepted, bool)
+    right = probs_after.argmax(1) == y
+    n_acc = int(accepted.sum())
+    return {
+        "method": method,
+        "temperature": float(temperature),
+        "threshold": None if threshold is None else float(threshold),
+        "min_confidence": float(min_confidence),
+        "coverage": n_acc / len(y),
+        "accepted_accuracy": float(right[accepted].mean()) if n_acc else None,
+        "rejection_rate": 1 - n_acc / len(y),
+        "ece_before": ece(probs_before.max(1), probs_before.argmax(1) == y),
+        "ece_after": ece(probs_after.max(1), right),
+        "foreign": {
+            name: {"n_flows": len(fs), "auroc": auroc(scores, fs),
+                   "rejection_rate": float(1 - np.mean(fa))}
+            for name, (fs, fa) in foreign.items()
+        },
+    }
+
+
+def render_openset(report: dict[str, Any]) -> Table:
+    """The open-set figures: calibration, coverage, and per foreign source AUROC/rejection."""
+    o = report["openset"]
+    method = o["method"] or "none fitted (scores: max softmax)"
+    table = Table(title="Open-set rejection",
+                  caption=(f"method {method}, T {o['temperature']:.3f}, threshold "
+                           f"{_fmt(o['threshold'])}; ECE (15 bins) {o['ece_before']:.4f} before, "
+                           f"{o['ece_after']:.4f} after temperature scaling"))
+    table.add_column("flows")
+    for col in ("n", "AUROC", "labelled unknown", "accuracy on accepted"):
+        table.add_column(col, justify="right")
+    table.add_row("in-distribution (above)", str(report["n_flows"]), "",
+                  f"{o['rejection_rate']:.2%}", _fmt(o["accepted_accuracy"]))
+    for name, f in o["foreign"].items():
+        table.add_row(f"foreign: {name}", str(f["n_flows"]), f"{f['auroc']:.4f}",
+                      f"{f['rejection_rate']:.2%}", "")
+    return table
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:

@@ -297,6 +297,23 @@ class Bundle:
         return cls(manifest.get("name", path.name), model, phrases, labels, max_len, settings,
                    device, top_k, openset, reject, min_confidence, path)
 
+    def check_dataset(self, settings: dict, what: str) -> None:
+        """BundleError, one line, when flows built with `settings` (a dataset's) are not what
+        this model reads: another K (ready_packets), bytes per packet or preprocessing."""
+        want = self.settings
+        try:
+            k, pre = int(settings["ready_packets"]), dict(settings["preprocessing"])
+        except (KeyError, TypeError, ValueError):
+            raise BundleError(f"{what}: no flow settings recorded; rebuild it") from None
+        b, want_b = pre.get("packet_bytes"), want.preprocessing.packet_bytes
+        if k != want.ready_packets or b != want_b:
+            raise BundleError(f"{what}: built with K={k}, B={b} bytes per packet; model {self.name} "
+                              f"reads K={want.ready_packets}, B={want_b}: rebuild it with "
+                              f"--packets {want.ready_packets} --packet-bytes {want_b}")
+        if pre != want.preprocessing.to_dict():
+            raise BundleError(f"{what}: built with other preprocessing than model {self.name} "
+                              f"expects (rules or masks differ); rebuild it")
+
     def encode(self, flows: list[Flow]) -> Encoded:
         return self.encode_packets([f.packets for f in flows], [f.sides for f in flows])
 

@@ -29,11 +29,14 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from flagd.evaluate import auroc
+
+if TYPE_CHECKING:
+    from flagd.dataset import Dataset
 
 METHODS = ("msp", "energy", "mahalanobis", "knn")
 FILE = "openset.npz"
@@ -142,11 +145,13 @@ def threshold_for(scores: np.ndarray, reject_rate: float) -> float:
     return float(np.quantile(np.asarray(scores, np.float64), reject_rate))
 
 
-def folds(n: int, groups: np.ndarray | None, seed: int = 0, k: int = FOLDS) -> np.ndarray:
-    """A fold number per row: whole groups (captures) per fold when there are enough of them,
-    so a flow's own session never scores it; otherwise rows at random."""
+def folds(y: np.ndarray, groups: np.ndarray | None, seed: int = 0, k: int = FOLDS) -> np.ndarray:
+    """A fold number per row: whole groups (captures) per fold when every class has at least k
+    of them, so a flow's own session never scores it; otherwise rows at random (one capture
+    per class, as in ISCX, would otherwise leave whole classes out of a fold's fit)."""
     rng = np.random.default_rng(seed)
-    if groups is not None and len(np.unique(groups)) >= 2 * k:
+    n = len(y)
+    if groups is not None and all(len(np.unique(groups[y == c])) >= k for c in np.unique(y)):
         uniq = np.unique(groups)
         g_fold = dict(zip(uniq.tolist(), (rng.permutation(len(uniq)) % k).tolist(), strict=True))
         return np.array([g_fold[g] for g in np.asarray(groups).tolist()], np.int64)
@@ -174,7 +179,7 @@ def out_of_fold_scores(method: str, logits: np.ndarray, feats: np.ndarray, y: np
     msp and energy have nothing to fit but T and are scored directly."""
     if method in ("msp", "energy"):
         return scores_of(method, logits, feats, temperature)
-    fold = folds(len(feats), groups, seed)
+    fold = folds(y, groups, seed)
     out = np.empty(len(feats))
     for f in np.unique(fold):
         test, fit = fold == f, fold != f
@@ -287,3 +292,44 @@ def _fit_params(method: str, logits: np.ndarray, feats: np.ndarray, y: np.ndarra
     elif method == "knn":
         o.reference = unit(feats).astype(np.float16).astype(np.float64)  # as stored
     return o
+
+
+def fit_rejection(bundle_dir: str | Path, val: Dataset, *, reject_rate: float = 0.05,
+                  method: str | None = None, exposure: list[Dataset] | None = None,
+                  seed: int = 0) -> OpenSet:
+    """Fit calibration and rejection for the bundle at `bundle_dir` on its validation flows
+    `val` (labelled with the bundle's classes, built with its flow settings), write
+    `openset.npz` into the bundle and hash it into bundle.json. Returns what was fitted.
+
+    method None: chosen by AUROC against `exposure` (foreign flows, labels unused), else
+    DEFAULT_METHOD. Validation flows are grouped by capture for the out-of-fold scores."""
+    from flagd.infer import Bundle, add_to_bundle
+
+    bundle_dir = Path(bundle_dir)
+    bundle = Bundle.load(bundle_dir, device="cpu")  # verifies every hash before we add one
+    bundle.check_dataset(val.settings, "validation data")
+    y = labels_for(bundle.labels, val)
+    logits, feats = bundle.outputs_for(val.flows, val.sides)
+    exp = None
+    if exposure:
+        for ds in exposure:
+            bundle.check_dataset(ds.settings, "exposure data")
+        outs = [bundle.outputs_for(ds.flows, ds.sides) for ds in exposure]
+        exp = (np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs]))
+    o = fit(logits, feats, y, len(bundle.labels), reject_rate=reject_rate, method=method,
+            exposure=exp, groups=np.asarray(val.source), seed=seed)
+    o.info["validation_captures"] = int(len(np.unique(val.source)))
+    o.save(bundle_dir / FILE)
+    add_to_bundle(bundle_dir, FILE)
+    return o
+
+
+def labels_for(classes: list[str], ds: Dataset) -> np.ndarray:
+    """ds's labels as indices into `classes` (a bundle's); ValueError naming unknown classes."""
+    unknown = sorted(set(ds.classes) - set(classes))
+    if unknown:
+        raise ValueError(f"classes the model does not know: {', '.join(unknown)}")
+    if (np.asarray(ds.labels) < 0).any():
+        raise ValueError("unlabelled flows in data that needs labels")
+    index = np.array([classes.index(c) for c in ds.classes], np.int64)
+    return index[np.asarray(ds.labels, np.int64)]
