@@ -761,6 +761,7 @@ def test_irc_line_parsing():
         ("curl-smtps", "curl", "curl", "email"),
         ("icecast-ffmpeg", "icecast2", "icecast2", "streaming"),
         ("sendxmpp-tls", "sendxmpp", "sendxmpp", "chat"),
+        ("rtorrent", "rtorrent", "rtorrent", "torrent"),
     ],
 )
 def test_second_apps_name_their_debian_package(monkeypatch, app, program, package, label):
@@ -932,7 +933,7 @@ def test_sessions_speak_their_drawn_tls_version_and_suite(app, tmp_path):
 @pytest.mark.parametrize(
     ("app", "label"),
     [("curl-imaps", "email"), ("curl-smtps", "email"), ("wget-https", "file-transfer"),
-     ("icecast-ffmpeg", "streaming"), ("sendxmpp-tls", "chat")],
+     ("icecast-ffmpeg", "streaming"), ("sendxmpp-tls", "chat"), ("rtorrent", "torrent")],
 )  # fmt: skip
 def test_smoke_new_app(app, label, tmp_path):
     gone = doctor.missing(apps.APPS[app].programs)

@@ -90,6 +90,7 @@ REQUIREMENTS: dict[str, Requirement] = {
         Requirement("aria2c", "aria2", _which("aria2c")),
         Requirement("transmission-cli", "transmission-cli", _which("transmission-cli")),
         Requirement("mktorrent", "mktorrent", _which("mktorrent")),
+        Requirement("rtorrent", "rtorrent", _which("rtorrent")),
         Requirement("openvpn", "openvpn", _which("openvpn")),
         Requirement("wireguard-go", "wireguard-go", _which("wireguard-go")),
         Requirement("wg", "wireguard-tools", _which("wg")),

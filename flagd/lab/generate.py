@@ -44,7 +44,7 @@ from flagd.lab.tunnel import ESP_PROPOSALS, IKE_PROPOSALS, Ipsec, OpenVpn, WireG
 BENCHMARK_APPS = (
     "xmpp-tls", "irc-tls", "smtps", "imaps", "sftp", "scp", "https-download", "hls-https",
     "icecast-https", "sip-tls", "linphone-tls", "aria2", "transmission",
-    "curl-smtps", "curl-imaps", "wget-https", "icecast-ffmpeg", "sendxmpp-tls",
+    "curl-smtps", "curl-imaps", "wget-https", "icecast-ffmpeg", "sendxmpp-tls", "rtorrent",
 )  # fmt: skip
 MANIFEST = "manifest.json"
 OVPN_CIPHERS = ("AES-256-GCM", "AES-128-GCM", "CHACHA20-POLY1305")

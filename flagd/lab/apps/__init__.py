@@ -14,7 +14,7 @@ from flagd.lab.apps.chat import IrcTls, SendXmpp, Xmpp, XmppTls
 from flagd.lab.apps.email import CurlImaps, CurlSmtps, Imaps, Smtp, Smtps
 from flagd.lab.apps.file_transfer import HttpsDownload, Scp, Sftp, WgetDownload
 from flagd.lab.apps.streaming import Hls, Icecast, IcecastFfmpeg
-from flagd.lab.apps.torrent import Aria2, Transmission
+from flagd.lab.apps.torrent import Aria2, RTorrent, Transmission
 from flagd.lab.apps.voip import Linphone, Sip, SipUdp
 
 __all__ = ["APPS", "CLASSES", "App", "RunContext", "wait_tcp"]
@@ -43,6 +43,7 @@ APPS: dict[str, type[App]] = {
         Linphone,
         Aria2,
         Transmission,
+        RTorrent,
     )
 }
 CLASSES: dict[str, list[str]] = {}

@@ -136,3 +136,42 @@ class Transmission(Aria2):
             return 0 if (config / "finished").exists() else (rc or 1)
         finally:
             self._download(ctx, client)
+
+
+class RTorrent(Aria2):
+    """rtorrent (libtorrent, not aria2's own engine) leeching in daemon mode: encryption required
+    (RC4 for the whole stream, as MSE allows), no DHT, PEX or UDP trackers; it shuts itself down
+    once the download finishes."""
+
+    name = "rtorrent"
+    programs = ("opentracker", "aria2c", "mktorrent", "rtorrent")
+
+    def session(self, ctx: RunContext, client: Client, params: dict) -> int:
+        torrent = ctx.shared["torrent"]["torrents"][params["torrent"]]
+        dest = self._download(ctx, client)
+        # a fresh session directory each time: resume data would make it skip the transfer
+        base = ctx.lab.state / f"client-{client.index}/rtorrent"
+        shutil.rmtree(base, ignore_errors=True)
+        (base / "session").mkdir(parents=True)
+        done, port = base / "finished", params["port"]
+        # the options' values hold commas, which -o cannot carry: a config file does
+        rc = base / "rtorrent.rc"
+        rc.write_text(
+            f"""system.daemon.set = true
+session.path.set = {base}/session
+directory.default.set = {dest}
+dht.mode.set = disable
+protocol.pex.set = no
+trackers.use_udp.set = no
+network.port_range.set = {port}-{port}
+network.port_random.set = no
+protocol.encryption.set = allow_incoming,try_outgoing,require,require_RC4
+method.set_key = event.download.finished,lab_done,"execute.nothrow=touch,{done} ; system.shutdown.normal="
+load.start = {torrent}
+"""
+        )
+        try:
+            rc_ = _client(ctx, client, ["rtorrent", "-n", "-o", f"import={rc}"], params)
+            return 0 if done.exists() else (rc_ or 1)
+        finally:
+            self._download(ctx, client)
