@@ -193,22 +193,22 @@ def run(
     min_confidence: MinConfOpt = None,
 ) -> None:
     """Capture live traffic on an interface and classify every flow."""
-    import pwd
-
-    from flagd.helper import Helper, has_cap_net_raw
-    from flagd.privileges import PrivilegeError, drop_privileges, forbid_new_privileges
+    from flagd.helper import CAP_SETUID, Helper, has_cap_net_raw, has_capability
+    from flagd.privileges import PrivilegeError, _drop_all_capabilities, forbid_new_privileges
 
     # First, before any thread exists (numpy's, torch's): no_new_privs reaches only threads
     # started after it, and the capture helper is forked, which is only safe without threads.
     forbid_new_privileges()
     helper = Helper.start() if has_cap_net_raw() else None
     try:
-        if helper is not None and os.geteuid() != 0:
-            # Not root: CAP_NET_RAW came as a capability (systemd's ambient set). The helper
-            # keeps it; the daemon gives every capability up now, in its only thread, so no
-            # thread it starts later (torch's included) ever holds one.
+        if helper is not None and not has_capability(CAP_SETUID):
+            # Not a full root: CAP_NET_RAW came as a capability of its own (systemd's ambient
+            # set), and no --user switch is possible anyway. The helper keeps it; the daemon
+            # gives every capability up now, in its only thread, so that no thread it starts
+            # later (torch's included) ever holds one. Capabilities are per thread: dropping
+            # them after torch has started its threads would leave them there.
             try:
-                drop_privileges(pwd.getpwuid(os.getuid()).pw_name)
+                _drop_all_capabilities()
             except PrivilegeError as e:
                 raise fail(str(e)) from None
         _run(iface, log, model, no_model, bpf, promisc, user, dashboard, config, batch_size,
@@ -555,7 +555,7 @@ def calibrate(
     model: Annotated[Path, typer.Argument(help="Model bundle directory (rewritten: openset.npz and its hash in bundle.json).")],
     val: Annotated[list[Path], typer.Argument(help="The model's validation flows: datasets (.npz) or capture trees (class = directory), never its test flows.")],
     reject_rate: Annotated[float, typer.Option(help="Share of validation flows the threshold labels unknown.")] = 0.05,
-    method: Annotated[str, typer.Option(help="auto (best AUROC against --exposure; without it knn), msp, energy, mahalanobis or knn.")] = "auto",
+    method: Annotated[str, typer.Option(help="auto (best AUROC against --exposure; without it mahalanobis), msp, energy, mahalanobis or knn.")] = "auto",
     exposure: Annotated[list[Path] | None, typer.Option(help="Foreign flows to choose the method on (dataset or capture tree; labels unused); never the data a figure is measured on. Repeatable.")] = None,
     labels: LabelsOpt = "dir",
 ) -> None:

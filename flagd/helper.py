@@ -36,16 +36,25 @@ class HelperError(RuntimeError):
     """The helper could not do what it was asked; the message is one line."""
 
 
-def has_cap_net_raw() -> bool:
-    """Whether this thread may open packet sockets (CAP_NET_RAW in its effective set)."""
+CAP_SETUID = 7
+CAP_NET_RAW = 13
+
+
+def has_capability(cap: int) -> bool:
+    """Whether this thread holds capability `cap` (CAP_*) in its effective set."""
     try:
         with open("/proc/thread-self/status") as f:
             for line in f:
                 if line.startswith("CapEff:"):
-                    return bool(int(line.split()[1], 16) >> 13 & 1)  # CAP_NET_RAW = 13
+                    return bool(int(line.split()[1], 16) >> cap & 1)
     except OSError:
         pass
     return os.geteuid() == 0
+
+
+def has_cap_net_raw() -> bool:
+    """Whether this thread may open packet sockets."""
+    return has_capability(CAP_NET_RAW)
 
 
 def _send(sock: socket.socket, msg: object, fds: list[int] = ()) -> None:

@@ -115,3 +115,55 @@ def _is_main(status: str) -> bool:
 
 def test_user_option_sets_no_new_privs_in_every_thread(daemon_threads):
     assert all("NoNewPrivs:\t1" in s for s in daemon_threads)
+
+
+@pytest.fixture(scope="module")
+def ambient_daemon_threads(tmp_path_factory, tiny_bundle) -> tuple[list[str], list[dict]]:
+    """/proc status of every thread of `flagd run` started the way systemd starts the unit: its
+    only capability is CAP_NET_RAW, in the ambient set (AmbientCapabilities=CAP_NET_RAW).
+
+    The uid stays 0 here, with the securebits that take root's automatic capabilities away
+    (noroot: exec grants nothing for being uid 0), because the interpreter of this test
+    machine lives under /root, which no other user can read; capabilities are what is tested.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("needs root to start a process with an ambient capability")
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs util-linux setpriv")
+    log = tmp_path_factory.mktemp("ambient") / "events.jsonl"
+    proc = subprocess.Popen(
+        ["setpriv", "--securebits=+noroot,+noroot_locked,+no_setuid_fixup,+no_setuid_fixup_locked",
+         "--bounding-set=-all,+net_raw", "--inh-caps=-all,+net_raw", "--ambient-caps=+net_raw",
+         sys.executable, "-m", "flagd", "run", "--iface", "lo", "--no-dashboard",
+         "--log", str(log), "--model", str(tiny_bundle), "--stats-interval", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (log.exists() and log.stat().st_size):  # first stats event: pipeline running
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        tasks = list(Path(f"/proc/{proc.pid}/task").iterdir())
+        statuses = [(t / "status").read_text() for t in tasks]
+        helper = [int(k) for t in tasks for k in (t / "children").read_text().split()]
+        helper_caps = [caps(Path(f"/proc/{pid}/status").read_text()) for pid in helper]
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    return statuses, helper_caps
+
+
+def test_ambient_cap_net_raw_is_gone_from_every_thread(ambient_daemon_threads):
+    """The daemon gives its ambient CAP_NET_RAW up before any thread starts (torch's
+    included), in every set of every thread; only its capture helper keeps it."""
+    statuses, helper_caps = ambient_daemon_threads
+    before = caps(Path("/proc/self/status").read_text())  # sanity: the test itself is root
+    assert before["CapEff"] != 0
+    assert len(statuses) >= 3  # capture, batcher, worker (and torch's own)
+    for st_ in statuses:
+        c = caps(st_)
+        assert c["CapEff"] == c["CapPrm"] == c["CapAmb"] == c["CapInh"] == 0, st_
+        assert "NoNewPrivs:\t1" in st_
+    net_raw = 1 << 13
+    assert len(helper_caps) == 1 and helper_caps[0]["CapEff"] == net_raw
