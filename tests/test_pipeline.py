@@ -185,3 +185,59 @@ def test_steady_malloc_keeps_large_blocks_mmapped():
 
     assert mmapped("default") == "False"
     assert mmapped("pinned") == "True"
+
+
+# -- many captures in one replay ------------------------------------------------------------
+
+
+def _part(recs: list, first: int, n: int) -> list:
+    """Records of conversations first..first+n-1 of conversation(...) with 12 records each."""
+    return recs[first * 12:(first + n) * 12]
+
+
+def test_replay_of_files_and_a_directory_is_one_run(tmp_path):
+    """`flagd replay A.pcap B.pcapng DIR/`: one after the other (the directory's captures in
+    name order), one event log, one final stats event, like `suricata -r DIR`."""
+    recs = conversation(8, 6)[:-1]  # 8 TLS conversations, 12 records each (DNS left out)
+    a = crafted.write_pcap(tmp_path / "a.pcap", _part(recs, 0, 2), LINKTYPE_ETHERNET)
+    b = crafted.write_pcapng(tmp_path / "b.pcapng", [crafted.Interface(LINKTYPE_ETHERNET)],
+                             _part(recs, 2, 2))
+    d = tmp_path / "dir"
+    d.mkdir()
+    crafted.write_pcap(d / "2.cap", _part(recs, 6, 2), LINKTYPE_ETHERNET)
+    crafted.write_pcap(d / "1.pcap", _part(recs, 4, 2), LINKTYPE_ETHERNET)
+    (d / "notes.txt").write_text("not a capture: not read")
+    log = tmp_path / "events.jsonl"
+    r = runner.invoke(app, ["replay", str(a), str(b), str(d), "--no-model", "--log", str(log)])
+    assert r.exit_code == 0, r.output
+    evs = events_of(log)
+    flows = [e for e in evs if e["event_type"] == "flow"]
+    assert sorted(e["src_port"] for e in flows) == list(range(30000, 30008))
+    assert [e["event_type"] for e in evs].count("stats") == 1
+    assert evs[-1]["stats"]["final"] and evs[-1]["stats"]["packets"] == 8 * 12
+    # in order: a, b, then dir/1.pcap before dir/2.cap (each flow ends before the next starts)
+    assert [e["src_port"] for e in flows] == sorted(e["src_port"] for e in flows)
+
+
+def test_replay_goes_on_past_an_unreadable_file_and_exits_1(tmp_path):
+    recs = conversation(4, 6)[:-1]
+    a = crafted.write_pcap(tmp_path / "a.pcap", _part(recs, 0, 2), LINKTYPE_ETHERNET)
+    bad = tmp_path / "bad.pcap"
+    bad.write_bytes(b"this is not a capture at all")
+    c = crafted.write_pcap(tmp_path / "c.pcap", _part(recs, 2, 2), LINKTYPE_ETHERNET)
+    log = tmp_path / "events.jsonl"
+    r = runner.invoke(app, ["replay", str(a), str(bad), str(tmp_path / "gone.pcap"), str(c),
+                            "--no-model", "--log", str(log)])
+    assert r.exit_code == 1
+    assert "bad.pcap: not a pcap or pcapng file" in r.output
+    assert "gone.pcap: no such file" in r.output
+    assert "2 of 4 captures could not be read" in r.output and "Traceback" not in r.output
+    evs = events_of(log)
+    assert sum(e["event_type"] == "flow" for e in evs) == 4  # a and c were replayed
+    assert evs[-1]["event_type"] == "stats" and evs[-1]["stats"]["final"]
+
+
+def test_replay_of_a_directory_without_captures_is_a_one_line_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = runner.invoke(app, ["replay", str(tmp_path / "empty"), "--no-model"])
+    assert r.exit_code == 1 and "no capture files" in r.output and "Traceback" not in r.output
