@@ -144,12 +144,12 @@ def trial_workers(pair, n: int, rate: float, seconds: float) -> dict:
     table (flagd run --workers n without inference); packets counted by the flow tables."""
     import threading
 
-    from flagd.fanout import FanoutSource
     from flagd.flows import FlowSettings
+    from flagd.source import FanoutSource
 
     src = FanoutSource(pair.a.ifname, n, FlowSettings())
     stop = threading.Event()
-    consumer = threading.Thread(target=lambda: [None for _ in src.flow_updates(stop)])
+    consumer = threading.Thread(target=lambda: [None for _ in src.batches(stop)])
     consumer.start()
     gen = pair.popen(pair.b, [sys.executable, __file__, "--gen", pair.b.ifname, str(rate), str(seconds)],
                      stdout=subprocess.PIPE, text=True)
@@ -159,7 +159,8 @@ def trial_workers(pair, n: int, rate: float, seconds: float) -> dict:
     time.sleep(0.3)
     stop.set()
     consumer.join()
-    got, dropped = src.flow_stats().packets, src.kernel_drops()
+    counters = src.group.snapshot()
+    got, dropped = counters.flows.packets, counters.kernel_drops
     src.close()
     out = json.loads(gen.stdout.read())
     return {"mode": f"workers={n}", "target": rate, "sent_rate": out["sent"] / out["seconds"],
