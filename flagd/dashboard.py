@@ -13,6 +13,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+UNKNOWN = "unknown"  # flagd.openset.UNKNOWN, the label of a refused flow (no torch import here)
+
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
@@ -56,10 +58,18 @@ def _drops(s: dict) -> Table:
 
 
 def _classes(counts: dict[str, int]) -> Table:
+    """Flows per class, most first, then the flows the model refused ("unknown": open-set
+    rejection or min_confidence) in a row of their own, so they never pass for a class."""
     t = Table("class", "flows", "", box=None, pad_edge=False)
     total = sum(counts.values()) or 1
-    for name, n in sorted(counts.items(), key=lambda kv: -kv[1]):
+    known = {k: v for k, v in counts.items() if k != UNKNOWN}
+    for name, n in sorted(known.items(), key=lambda kv: -kv[1]):
         t.add_row(name, f"{n:,}", "█" * max(1, round(20 * n / total)))
+    if counts:
+        n = counts.get(UNKNOWN, 0)
+        t.add_section()
+        t.add_row(Text(UNKNOWN, style="yellow"), f"{n:,}",
+                  Text("█" * round(20 * n / total), style="yellow"))
     return t
 
 
@@ -67,7 +77,11 @@ def _recent(events: list[dict]) -> Table:
     t = Table("time", "flow", "label", "conf", box=None, pad_edge=False)
     for ev in reversed(events):
         flow = f"{ev['proto']} {ev['src_ip']}:{ev['src_port']} → {ev['dest_ip']}:{ev['dest_port']}"
-        t.add_row(ev["timestamp"][11:19], flow, ev["flag"]["label"], f"{ev['flag']['confidence']:.2f}")
+        flag = ev["flag"]
+        label: str | Text = flag["label"]
+        if label == UNKNOWN and flag.get("top_k"):  # what the model would have said
+            label = Text(f"{UNKNOWN} ({flag['top_k'][0]['label']}?)", style="yellow")
+        t.add_row(ev["timestamp"][11:19], flow, label, f"{flag['confidence']:.2f}")
     return t
 
 
