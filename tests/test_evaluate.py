@@ -20,6 +20,7 @@ from flagd.evaluate import (
     compare_table,
     confusion_matrix,
     metrics,
+    render_openset,
     render_table,
     save_heatmap,
     write_json,
@@ -281,3 +282,44 @@ def test_compare_table_includes_paper_figures():
         assert text in out, text
     assert "FLAG (paper)" not in render(compare_table(rows, include_paper=False))
     assert [r["tpr"] for r in PAPER_FLAG_RESULTS] == [0.9865, 0.9807]
+
+
+# --- open-set figures ---------------------------------------------------------------------
+
+
+def test_auroc_by_hand_with_ties():
+    from flagd.evaluate import auroc
+
+    # pairs (in, out): 3 vs 1 win, 3 vs 2 win, 1 vs 1 tie (1/2), 1 vs 2 loss -> 2.5 / 4
+    assert auroc([3, 1], [1, 2]) == 0.625
+    assert auroc([5, 6], [1, 2]) == 1.0 and auroc([1, 2], [5, 6]) == 0.0
+    with pytest.raises(ValueError):
+        auroc([], [1.0])
+
+
+def test_ece_by_hand():
+    from flagd.evaluate import ece
+
+    # bin 13 (0.9): two flows, one right: |1 - 1.8| = 0.8; bin 3 (0.2): |0 - 0.2| = 0.2; N = 3
+    assert ece([0.9, 0.9, 0.2], [True, False, False]) == pytest.approx(1.0 / 3)
+    assert ece([1.0, 1.0], [True, True]) == 0.0  # confidence 1 lands in the last bin
+    assert ece([0.5] * 4, [True, False, True, False]) == 0.0
+
+
+def test_openset_report_validates_and_counts():
+    from flagd.evaluate import openset_report
+
+    probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.5, 0.5]])
+    scores = np.array([5.0, 1.0, 4.0, 3.0])
+    accepted = scores >= 2
+    o = openset_report([0, 1, 1, 1], probs, probs, scores, accepted,
+                       {"lab": (np.array([0.0, 2.5]), np.array([False, True]))},
+                       method="mahalanobis", temperature=1.5, threshold=2.0)
+    assert o["coverage"] == 0.75 and o["rejection_rate"] == 0.25
+    assert o["accepted_accuracy"] == pytest.approx(2 / 3)  # accepted 0, 2 right; 3 wrong
+    # foreign 0.0 below all 4; 2.5 below 3 of 4: AUROC (4 + 3) / 8
+    assert o["foreign"]["lab"] == {"n_flows": 2, "auroc": 0.875, "rejection_rate": 0.5}
+    report = metrics([0, 1, 1, 1], probs.argmax(1), ["a", "b"])
+    report["openset"] = o
+    VALIDATOR.validate(report)
+    assert "Open-set" in render(render_openset(report))
