@@ -264,7 +264,7 @@ def test_inference_helpers_keep_predictions():
     assert (reference.argmax(-1) == labels).float().mean() > 0.95
     fp32 = predict_logits(prepare_for_inference(model, quantize=False), ids, batch_size=50)
     torch.testing.assert_close(fp32, reference, atol=1e-4, rtol=1e-4)
-    int8 = predict_logits(prepare_for_inference(model), ids, batch_size=50)
+    int8 = predict_logits(prepare_for_inference(model, quantize=True), ids, batch_size=50)
     assert torch.equal(int8.argmax(-1), reference.argmax(-1))
     assert (int8 - reference).abs().max() < 0.1
     assert not any(p.requires_grad for p in model.parameters())
