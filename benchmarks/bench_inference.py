@@ -1,17 +1,22 @@
 """CPU inference throughput (flows/s) of the encoder's classifier at sequence length 128.
 
-For each preset, the daemon's path (prepare_for_inference: eval, frozen, dynamic int8 Linear
-layers; predict_logits: length-sorted, padding-trimmed batches; [CLS]-only last block) against
+For each preset, the daemon's path (prepare_for_inference: eval, frozen, fp32 since issue 12, or
+dynamic int8 Linear layers with --int8; predict_logits: length-sorted, padding-trimmed batches;
+[CLS]-only last block) against
 the same weights in eager fp32 without any of it (full forward at every position, batches of
 256 padded to 128), measured alternately in the same process so that load from other
 processes hits both alike. Two inputs: every flow filling all 128 positions (the headline:
 nothing to trim) and a mix of lengths 16..128 (what padding-aware batching is for).
 
+Batch independence: the largest change of any class probability of 16 flows between classifying
+each alone and inside the whole batch (dynamic int8 takes one activation scale per batch, so
+its results move with the batch-mates; fp32 only by rounding).
+
 Besides wall-clock flows/s, flows per CPU-second of this process: with --threads 1 that is
 the rate on one dedicated core even while other processes compete for the CPU (a shared
 machine), since time spent waiting for a core is not counted.
 
-    python benchmarks/bench_inference.py [--presets tiny,small,paper] [--threads 2]
+    python benchmarks/bench_inference.py [--presets tiny,mini,small,paper] [--threads 2] [--int8]
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from flagd.model import FlagEncoder, ModelConfig
 from flagd.phrases import CLS, EOS, NUM_SPECIAL, PAD, SEP
 
 T = 128
-DEFAULT_FLOWS = {"tiny": 4096, "small": 1024, "paper": 64}
+DEFAULT_FLOWS = {"tiny": 4096, "mini": 2048, "small": 1024, "paper": 64}
 
 
 def make_flows(n: int, vocab_size: int, lengths: str, seed: int = 0) -> torch.Tensor:
@@ -73,7 +78,7 @@ def bench(name: str, args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     model = FlagEncoder(cfg).eval()
     # the very same weights, prepared the daemon's way
-    fast = prepare_for_inference(copy.deepcopy(model), quantize=not args.no_quantize)
+    fast = prepare_for_inference(copy.deepcopy(model), quantize=args.int8)
     params = sum(p.numel() for p in model.parameters())
     n = args.flows or DEFAULT_FLOWS.get(name, 1024)
     print(
@@ -93,23 +98,27 @@ def bench(name: str, args: argparse.Namespace) -> None:
         base, opt = n / statistics.median(base_s), n / statistics.median(fast_s)
         base_cpu, opt_cpu = n / statistics.median(base_c), n / statistics.median(fast_c)
         diff = (got - ref).abs().max().item()
+        probs = torch.softmax(got, -1)
+        alone = torch.cat([torch.softmax(predict_logits(fast, ids[i:i + 1]), -1) for i in range(16)])
+        moved = (alone - probs[:16]).abs().max().item()
         print(
             f"  {lengths:>5} length {'128' if lengths == 'full' else '16..128'}: "
             f"optimised {opt:8.1f} flows/s ({opt_cpu:7.1f} per CPU-s)   "
             f"eager fp32 {base:8.1f} flows/s ({base_cpu:7.1f} per CPU-s)   "
-            f"x{opt / base:.2f}   max |logit diff| {diff:.1e}"
+            f"x{opt / base:.2f}   max |logit diff| {diff:.1e}   alone vs batch {moved:.1e}"
         )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--presets", default="tiny,small,paper")
+    p.add_argument("--presets", default="tiny,mini,small,paper")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--flows", type=int, default=None, help="flows per measurement")
     p.add_argument("--batch", type=int, default=256, help="optimised path's batch size")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--no-quantize", action="store_true", help="optimised path without int8")
+    p.add_argument("--int8", action="store_true", help="optimised path with dynamic int8 "
+                   "(batch-dependent: the daemon's path before issue 12)")
     p.add_argument("--set", nargs="*", default=[], help="config overrides, e.g. mlp_ratio=2")
     args = p.parse_args()
     if args.threads:

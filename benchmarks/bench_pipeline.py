@@ -4,11 +4,15 @@ Runs `Pipeline` (file source -> flows -> batcher -> worker -> events) in this pr
 generated capture of TLS-like conversations, with the shipped model by default:
 
   throughput  every flow classified as fast as possible (--speed max), for batch sizes 1
-              (no batching: the baseline) and 64, 256; classified flows/s and the ratio;
+              (no batching: the baseline) and 64, 256; classified flows/s and the ratio, and
+              flows per CPU-second of this process (all its threads): on a shared machine the
+              wall-clock rate measures the neighbours too, while 2 dedicated cores give at
+              least the per-CPU-second rate (more where the stages overlap);
   latency     the same capture replayed at a moderate, steady flow rate, for several batching
               delays: p50/p99 from a flow becoming ready to its classification event written.
 
     python benchmarks/bench_pipeline.py [--model DIR] [--device cpu|cuda] [--flows 4000]
+        [--latency-seconds 10 (0: throughput only)]
 
 With --device cuda (a GPU machine) the worker runs the model in bf16 on the GPU.
 """
@@ -16,6 +20,7 @@ With --device cuda (a GPU machine) the worker runs the model in bf16 on the GPU.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import struct
 import sys
@@ -96,14 +101,17 @@ def main() -> None:
         cap = tls_capture(Path(tmp) / "flows.pcap", a.flows, flows_per_s=1000)
         rates = {}
         for bs in (1, 64, 256):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             pipe = run(cap, bundle, bs, 20, None)
-            wall = time.perf_counter() - t0
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             assert pipe.counters.classified == a.flows, pipe.counters
             rates[bs] = a.flows / wall
             print(f"throughput batch {bs:4d}: {rates[bs]:8,.0f} classified flows/s "
-                  f"({wall:.2f} s for {a.flows} flows)")
+                  f"({wall:.2f} s for {a.flows} flows), {a.flows / cpu:8,.0f} per CPU-s "
+                  f"(load {os.getloadavg()[0]:.1f})")
         print(f"ratio batch 256 / batch 1: {rates[256] / rates[1]:.1f}x")
+        if a.latency_seconds <= 0:
+            return
 
         n = int(a.rate * a.latency_seconds)
         cap = tls_capture(Path(tmp) / "steady.pcap", n, flows_per_s=a.rate, seed=1)
