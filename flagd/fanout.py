@@ -159,7 +159,7 @@ class CaptureGroup:
     """N capture processes on one interface; `updates()` yields what they meter."""
 
     def __init__(self, iface: str, workers: int, flows: FlowSettings, *, bpf: str | None = None,
-                 promisc: bool = False, user: str | None = None, queue_size: int = 1024,
+                 promisc: bool = False, user: str | None = None,
                  notice: Callable[[str], None] = lambda msg: None,
                  helper: Helper | None = None) -> None:
         if workers < 1:
@@ -171,7 +171,6 @@ class CaptureGroup:
         self.helper = helper or Helper.start()
         # A group id of our own: other programs' fanout groups on the interface stay separate.
         self._spec = pickle.dumps(WorkerSpec(iface, bpf, promisc, os.getpid() & 0xFFFF, flows, user))
-        self._queue_size = queue_size
         self.workers = [WorkerState() for _ in range(workers)]
         self.lost_flows = 0  # open flows of capture processes that died
         self._dead = FlowStats()  # what processes that died had counted
@@ -190,7 +189,7 @@ class CaptureGroup:
     def _start(self, i: int) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            # Room for `queue_size` messages in flight before the process drops (counted).
+            # Room for a burst of messages in flight before a process drops (counted).
             for s in (ours, theirs):
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)

@@ -165,7 +165,11 @@ class FileSource:
         return 0
 
     def close(self) -> None:
-        pass  # each capture is closed when its batches end (the generator's finally)
+        # Each capture is closed when its batches end (the generator's finally); this covers a
+        # reader abandoned mid-file, e.g. when the flow table raised.
+        cap, self._open = self._open, None
+        if cap is not None:
+            cap.close()
 
 
 # -- a live interface -------------------------------------------------------------------------
@@ -222,13 +226,13 @@ class FanoutSource:
     live = True
 
     def __init__(self, iface: str, workers: int, flows: FlowSettings, *, bpf: str | None = None,
-                 promisc: bool = False, user: str | None = None, queue_size: int = 1024,
-                 notice: Notice = _quiet, helper=None) -> None:
+                 promisc: bool = False, user: str | None = None, notice: Notice = _quiet,
+                 helper=None) -> None:
         from flagd.fanout import CaptureGroup
 
         self.name = f"{iface} x{workers}"
         self.group = CaptureGroup(iface, workers, flows, bpf=bpf, promisc=promisc, user=user,
-                                  queue_size=queue_size, notice=notice, helper=helper)
+                                  notice=notice, helper=helper)
 
     def batches(self, stop: threading.Event) -> Iterator[FlowBatch]:
         for updates, changed in self.group.updates(stop):

@@ -47,7 +47,8 @@ def start_daemon(iface: str, log: Path, model: Path, *extra: str) -> subprocess.
          "--model", str(model), "--stats-interval", "1", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _started.append(proc)
-    deadline = time.monotonic() + 30
+    # Generous: importing torch alone has taken 46 s on this shared 2-core machine under load.
+    deadline = time.monotonic() + 180
     while not log.exists():  # the log opens once the capture socket is open
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
