@@ -191,10 +191,14 @@ def test_runs_as_an_unprivileged_user_after_opening_the_socket(tmp_path, tiny_bu
     log = tmp_path / "events.jsonl"
     with veth_pair(root_end=True) as pair:
         proc = start_daemon(pair.a.ifname, log, tiny_bundle, "--user", "nobody")
-        time.sleep(0.5)
-        status = Path(f"/proc/{proc.pid}/status").read_text()
-        uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
-        caps = next(line for line in status.splitlines() if line.startswith("CapEff:")).split()[1]
+        deadline = time.monotonic() + 60
+        while True:  # the drop follows the log's opening: wait for it, do not guess a delay
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
+            caps = next(line for line in status.splitlines() if line.startswith("CapEff:")).split()[1]
+            if set(uids) != {"0"} or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         flows = pair.run_tls(conns=3, msgs=2, size=100)
         time.sleep(0.5)
         stop_daemon(proc)
