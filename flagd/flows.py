@@ -26,7 +26,6 @@ from flagd.preprocess import Preprocessing, RuleTable, model_bytes
 from flagd.reassembly import Reassembler
 
 FIN, SYN, RST, ACK = 0x01, 0x02, 0x04, 0x10
-EMPTY, ONEWAY = 1, 2  # Flow.lists bits
 
 
 class Expiry(enum.StrEnum):
@@ -96,9 +95,7 @@ class Flow:
     fin_toserver: bool = False
     fin_toclient: bool = False
     syn_seq: int | None = None  # sequence number of the client's SYN (TCP), to tell a retry
-    # Which of the table's side orders hold the flow: EMPTY (no relevant packet yet), ONEWAY (no
-    # packet back yet). One field, so the hot loop tests one attribute for both.
-    lists: int = 0
+    oneway: bool = True  # no packet back yet: in the table's one-way order too
     closed_at: float | None = None
     ready: bool = False
     expiry: Expiry | None = None
@@ -165,7 +162,11 @@ def flow_keys(p: Packets, rows: np.ndarray) -> tuple[list[bytes], np.ndarray]:
         (s[:, 0] == d[:, 0]) & ((s[:, 1] > d[:, 1]) | ((s[:, 1] == d[:, 1]) & (sport > dport)))
     )
     m = len(rows)
-    key = np.empty((m, 42), np.uint8)
+    # VLAN ids last: a key without them (all zero) is the same bytes object at either width,
+    # since fixed-width 'S' rows drop trailing NULs, so untagged batches skip those columns.
+    tagged = bool(p.vlan[rows].any())
+    width = 42 if tagged else 38
+    key = np.empty((m, width), np.uint8)
     key[:, 0] = p.version[rows]
     key[:, 1] = p.proto[rows]
     lo_port = np.where(src_high, dport, sport).astype(">u2")
@@ -175,25 +176,27 @@ def flow_keys(p: Packets, rows: np.ndarray) -> tuple[list[bytes], np.ndarray]:
     high = src_high[:, None]
     key[:, 6:22] = np.where(high, dst, src)
     key[:, 22:38] = np.where(high, src, dst)
-    key[:, 38:42] = p.vlan[rows].astype(">u4").view(np.uint8).reshape(m, 4)
-    # Fixed-width rows: 'S42' drops trailing NULs, which keeps keys distinct at one width.
-    return key.view("S42").ravel().tolist(), src_high
+    if tagged:
+        key[:, 38:42] = p.vlan[rows].astype(">u4").view(np.uint8).reshape(m, 4)
+    # Fixed-width rows drop trailing NULs, which keeps keys distinct at one width.
+    return key.view(f"S{width}").ravel().tolist(), src_high
 
 
 class FlowTable:
     """Bounded, LRU-ordered bidirectional flow table. Not thread-safe: one thread feeds it.
 
-    When the table is full a new flow evicts the least recently seen flow *without a relevant
-    packet yet* (a SYN or handshake alone, or only rule-removed packets), and only when there is
-    none the least recently seen flow of all: a flood of new flows that never carry payload (a
-    SYN flood) churns through its own kind and leaves the real conversations alone.
+    When the table is full a new flow evicts the oldest flow *without a relevant packet yet* (a
+    SYN or handshake alone, or only rule-removed packets), and only when there is none the least
+    recently seen flow of all: a flood of new flows that never carry payload (a SYN flood) churns
+    through its own kind and leaves the real conversations alone.
     """
 
     def __init__(self, settings: FlowSettings | None = None) -> None:
         self.settings = settings or FlowSettings()
         self.rules = RuleTable.compile(self.settings.preprocessing.rules)
         self.flows: OrderedDict[bytes, Flow] = OrderedDict()  # least recently seen first
-        # The flows of `flows` with no relevant packet yet, in the same LRU order: evicted first.
+        # Flows in order of creation, each until it ends or is found to carry a relevant packet
+        # when it reaches the front (so the hot loop never touches this): evicted first.
         self.empty: OrderedDict[bytes, Flow] = OrderedDict()
         # The flows of `flows` seen in one direction only, in the same LRU order: the shorter
         # idle timeout applies to them, so the idle scan walks them on their own.
@@ -238,7 +241,6 @@ class FlowTable:
         idle, active, closed_to, k_ready = s.idle_timeout, s.active_timeout, s.closed_timeout, s.ready_packets
         est = s.established_timeout
         flows, get, touch = self.flows, self.flows.get, self.flows.move_to_end
-        empty, touch_empty = self.empty, self.empty.move_to_end
         oneway, touch_oneway = self.oneway, self.oneway.move_to_end
         names = self.rules.names
         syn, syn_ack, fin_rst, control = SYN, SYN | ACK, FIN | RST, SYN | FIN | RST
@@ -251,9 +253,12 @@ class FlowTable:
             if t > now:
                 now = t
             f = get(key)
+            if f is None:
+                if len(flows) >= s.max_flows:
+                    self._evict()
+                f = self._new(p, int(rows[j]), key, high, now)
             # idle <= established: a flow quiet for less than idle, young and open goes on
-            if f is not None and (now - f.last > idle or now - f.start > active
-                                  or f.closed_at is not None):
+            elif now - f.last > idle or now - f.start > active or f.closed_at is not None:
                 quiet = now - f.last
                 stale = quiet > (est if f.pkts_toclient else idle)
                 if (stale or now - f.start > active
@@ -262,26 +267,25 @@ class FlowTable:
                             or (fl & syn_ack) == syn and self._seq(p, rows[j]) != f.syn_seq)):
                     self._end(f, Expiry.IDLE if stale else
                               Expiry.ACTIVE if now - f.start > active else Expiry.END)
-                    f = None
-            if f is None:
-                if len(flows) >= s.max_flows:
-                    self._end(next(iter((empty or flows).values())), Expiry.LIMIT)
-                f = self._new(p, int(rows[j]), key, high, now)
+                    if len(flows) >= s.max_flows:
+                        self._evict()
+                    f = self._new(p, int(rows[j]), key, high, now)
+                else:
+                    touch(key)
+                    if f.oneway:
+                        touch_oneway(key)
             else:
                 touch(key)
-                if f.lists:
-                    if f.lists & EMPTY:
-                        touch_empty(key)
-                    if f.lists & ONEWAY:
-                        touch_oneway(key)
+                if f.oneway:
+                    touch_oneway(key)
             gap, f.last = now - f.last, now
             if high == f.client_is_high:
                 f.pkts_toserver += 1
                 f.bytes_toserver += size
             else:
-                if f.lists & ONEWAY:
+                if f.oneway:
                     del oneway[key]
-                    f.lists &= ~ONEWAY
+                    f.oneway = False
                 f.pkts_toclient += 1
                 f.bytes_toclient += size
             if fl & control:  # TCP only: UDP rows have no flags
@@ -293,9 +297,6 @@ class FlowTable:
                 if f.drop_rule is None:
                     f.drop_rule = names[code - 1]
             else:
-                if f.lists & EMPTY:
-                    del empty[key]
-                    f.lists &= ~EMPTY
                 if f.relevant < k_ready:
                     self._keep(f, p, int(rows[j]), (int(high != f.client_is_high), size, gap))
                 f.relevant += 1
@@ -338,22 +339,32 @@ class FlowTable:
             key=key, flow_id=_flow_id(key, now), version=int(p.version[i]), proto=int(p.proto[i]),
             client=p.src[i].tobytes(), server=p.dst[i].tobytes(),
             client_port=int(p.sport[i]), server_port=int(p.dport[i]),
-            start=now, last=now, client_is_high=src_high, lists=EMPTY | ONEWAY,
+            start=now, last=now, client_is_high=src_high,
         )
         self.flows[key] = f
         self.empty[key] = f
         self.oneway[key] = f
         return f
 
+    def _evict(self) -> None:
+        """Make room: the oldest flow without a relevant packet, else the least recently seen."""
+        empty = self.empty
+        while empty:
+            key, f = next(iter(empty.items()))
+            if not f.relevant:
+                self._end(f, Expiry.LIMIT)
+                return
+            del empty[key]  # it carries payload now: it stays, and leaves this order
+        self._end(next(iter(self.flows.values())), Expiry.LIMIT)
+
     def _end(self, f: Flow, reason: Expiry) -> None:
         del self.flows[f.key]
         counted: str = reason
-        if f.lists & ONEWAY:
+        if f.oneway:
             del self.oneway[f.key]
-        if f.lists & EMPTY:
-            del self.empty[f.key]
-            if reason == Expiry.LIMIT:
-                counted = LIMIT_EMPTY
+        self.empty.pop(f.key, None)
+        if not f.relevant and reason == Expiry.LIMIT:
+            counted = LIMIT_EMPTY
         f.expiry = reason
         self.stats.ended[counted] = self.stats.ended.get(counted, 0) + 1
         self._out.append((END, f))
