@@ -99,8 +99,8 @@ def test_replay_with_a_failing_classifier_exits_non_zero_with_the_error(flood, t
     log = tmp_path / "events.jsonl"
     r = CliRunner().invoke(flagd.cli.app, ["replay", str(flood), "--log", str(log),
                                            "--no-dashboard", "--stats-interval", "0"])
-    assert time.monotonic() - broken.failed_at < 5  # from the error to the exit
     assert r.exit_code == 1, r.output
+    assert time.monotonic() - broken.failed_at < 5, r.output  # from the error to the exit
     assert "worker: RuntimeError: predict exploded" in r.output and "Traceback" not in r.output
     events = [json.loads(line) for line in log.read_text().splitlines()]
     assert events[-1]["event_type"] == "stats" and events[-1]["stats"]["final"]
@@ -112,7 +112,8 @@ def replay(capture: Path, log: Path, *extra: str) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for_log(proc: subprocess.Popen, log: Path, size: int, timeout: float = 60) -> None:
+def wait_for_log(proc: subprocess.Popen, log: Path, size: int, timeout: float = 300) -> None:
+    # Generous: on this shared machine importing torch alone has taken 46 s.
     deadline = time.monotonic() + timeout
     while not log.exists() or log.stat().st_size < size:
         assert proc.poll() is None, proc.stderr.read()
