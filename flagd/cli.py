@@ -51,17 +51,13 @@ def _speed(value: str) -> float | None:
     return f
 
 
-def _load_model(model: str | None, no_model: bool, top_k: int, reject: bool = True,
-                min_confidence: float = 0.0):
+def _load_model(model: str | None, no_model: bool, top_k: int):
     """The bundle to classify with, or None for flow events only."""
     if no_model:
         return None  # without a model, torch is never imported
     from flagd.infer import Bundle, BundleError, default_model, resolve_model
-    if not 0 <= min_confidence <= 1:
-        raise fail(f"min_confidence {min_confidence} is not in [0, 1]", Exit.USAGE)
     try:
-        return Bundle.load(resolve_model(model) if model else default_model(), top_k=top_k,
-                           reject=reject, min_confidence=min_confidence)
+        return Bundle.load(resolve_model(model) if model else default_model(), top_k=top_k)
     except BundleError as e:
         raise fail(str(e)) from None
 
@@ -122,8 +118,11 @@ def _serve(cfg, model: str | None, no_model: bool, open_source) -> None:
     from flagd.source import FileSource
 
     steady_malloc()
-    bundle = _load_model(model or cfg.model, no_model, cfg.top_k, cfg.reject,
-                         cfg.min_confidence)  # fail before capturing
+    if not 0 <= cfg.min_confidence <= 1:
+        raise fail(f"min_confidence {cfg.min_confidence} is not in [0, 1]", Exit.USAGE)
+    bundle = _load_model(model or cfg.model, no_model, cfg.top_k)  # fail before capturing
+    if bundle is not None:  # what flagd.toml / --min-confidence ask of the bundle's decisions
+        bundle.reject, bundle.min_confidence = cfg.reject, cfg.min_confidence
     notices = Notices()
     try:
         settings = cfg.pipeline_settings(bundle.settings if bundle else FlowSettings())
