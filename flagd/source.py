@@ -126,8 +126,8 @@ class FileSource:
         from flagd.pcapfile import read_capture
 
         # Paced replays read small batches so packets are released close to their time; fast
-        # ones 16384 frames at a time, so that a stop is seen within a batch's metering.
-        size = 16384 if self.speed is None else 64
+        # ones 8192 frames at a time, so that a stop is seen within a batch's metering.
+        size = 8192 if self.speed is None else 64
         for path in self.paths:
             if stop.is_set():
                 return
