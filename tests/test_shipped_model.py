@@ -1,4 +1,5 @@
-"""The shipped default model: it loads, checks out, and classifies the sample capture."""
+"""The shipped default model: it loads, checks out, classifies the sample capture, and scores
+on its own held-out test flows (re-read from ../shared) what its card says."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from flagd.cli import app
+from flagd.dataset import build
+from flagd.evaluate import metrics as score
 from flagd.infer import Bundle, default_model
-from flagd.labels import CLASSES_12
+from flagd.labels import CLASSES_12, labeller
 
 SAMPLE = Path(__file__).parent / "data" / "lab-tls.pcap"
 
@@ -25,6 +28,28 @@ def test_shipped_model_loads_with_its_twelve_classes():
     assert metrics["test"]["n_flows"] > 500  # figures come from a real held-out split
 
 
+def test_shipped_model_scores_its_card_on_its_own_test_flows(iscx_train):
+    """The bundle lists its test split (capture, flow start). Rebuild those flows from the
+    captures, classify them through the daemon's inference path, and require the accuracy the
+    card and metrics.json report, within 0.01: a check of the model, not of its paperwork."""
+    path = default_model()
+    bundle = Bundle.load(path)
+    listed = json.loads((path / "test-flows.json").read_text())
+    wanted = {(Path(cap).parent.name, Path(cap).name, start) for cap, start in listed}
+    ds = build([iscx_train], bundle.settings, label=labeller("dir"))
+    rows = [i for i in range(len(ds))
+            if (Path(ds.sources[ds.source[i]]).parent.name, Path(ds.sources[ds.source[i]]).name,
+                float(ds.start[i])) in wanted]
+    assert len(rows) == len(listed)  # every test flow found again, none twice
+    test = ds.subset(rows)
+    index = [bundle.labels.index(c) for c in test.classes]
+    truth = [index[i] for i in test.labels]
+    report = score(truth, bundle.predict_flows(test.flows, test.sides), bundle.labels)
+    card = json.loads((path / "metrics.json").read_text())["test"]
+    assert report["n_flows"] == card["n_flows"]
+    assert abs(report["accuracy"] - card["accuracy"]) <= 0.01, (report["accuracy"], card["accuracy"])
+
+
 def test_replay_with_the_default_model_classifies_every_flow(tmp_path):
     log = tmp_path / "events.jsonl"
     r = CliRunner().invoke(app, ["replay", str(SAMPLE), "--log", str(log)])
@@ -35,7 +60,7 @@ def test_replay_with_the_default_model_classifies_every_flow(tmp_path):
     assert len(flows) == 9  # 7 TLS connections and 2 UDP exchanges
     for f in flows:
         c = cls[f["flow_id"]]
-        assert c["flag"]["label"] in CLASSES_12 and c["flag"]["model"] == "iscx-vpn2016"
+        assert c["flag"]["label"] in (*CLASSES_12, "unknown") and c["flag"]["model"] == "iscx-vpn2016"
         assert f["flag"]["label"] == c["flag"]["label"]
 
 
@@ -60,4 +85,4 @@ def test_replay_with_the_lab12_model(tmp_path):
     events = [json.loads(x) for x in log.read_text().splitlines()]
     labels = {e["flag"]["label"] for e in events if e["event_type"] == "classification"}
     assert len([e for e in events if e["event_type"] == "flow"]) == 9
-    assert labels and labels <= set(CLASSES_12)
+    assert labels and labels <= {*CLASSES_12, "unknown"}  # unknown: open-set rejection
