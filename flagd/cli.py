@@ -193,7 +193,7 @@ def run(
 ) -> None:
     """Capture live traffic on an interface and classify every flow."""
     from flagd.helper import CAP_SETUID, Helper, has_cap_net_raw, has_capability
-    from flagd.privileges import PrivilegeError, _drop_all_capabilities, forbid_new_privileges
+    from flagd.privileges import PrivilegeError, drop_all_capabilities, forbid_new_privileges
 
     # First, before any thread exists (numpy's, torch's): no_new_privs reaches only threads
     # started after it, and the capture helper is forked, which is only safe without threads.
@@ -207,7 +207,7 @@ def run(
             # later (torch's included) ever holds one. Capabilities are per thread: dropping
             # them after torch has started its threads would leave them there.
             try:
-                _drop_all_capabilities()
+                drop_all_capabilities()
             except PrivilegeError as e:
                 raise fail(str(e)) from None
         _run(iface, log, model, no_model, bpf, promisc, user, dashboard, config, batch_size,

@@ -22,7 +22,7 @@ _PR_SET_NO_NEW_PRIVS = 38
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 
-def _drop_all_capabilities() -> None:
+def drop_all_capabilities() -> None:
     """Empty the ambient, effective, permitted and inheritable sets of this thread."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
@@ -52,7 +52,7 @@ def drop_privileges(user: str) -> None:
     except PermissionError as exc:
         raise PrivilegeError(f"cannot drop privileges to {user!r}: {exc.strerror}") from None
     # Still here with ambient/file capabilities (systemd User= with AmbientCapabilities=): drop them.
-    _drop_all_capabilities()
+    drop_all_capabilities()
     forbid_new_privileges()
 
 
