@@ -22,6 +22,27 @@ def iscx_train() -> Path:
 
 
 @pytest.fixture(scope="session")
+def shipped_test_flows(iscx_train):
+    """The shipped ISCX bundle's own test split (test-flows.json: capture and flow start),
+    rebuilt from the captures with the bundle's settings; every listed flow found exactly once."""
+    import json
+
+    from flagd.dataset import build
+    from flagd.infer import Bundle, installed_models
+    from flagd.labels import labeller
+
+    path = installed_models()["iscx-vpn2016"]
+    listed = json.loads((path / "test-flows.json").read_text())
+    wanted = {(Path(cap).parent.name, Path(cap).name, start) for cap, start in listed}
+    ds = build([iscx_train], Bundle.load(path).settings, label=labeller("dir"))
+    rows = [i for i in range(len(ds))
+            if (Path(ds.sources[ds.source[i]]).parent.name, Path(ds.sources[ds.source[i]]).name,
+                float(ds.start[i])) in wanted]
+    assert len(rows) == len(listed)  # every test flow found again, none twice
+    return path, ds.subset(rows)
+
+
+@pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory) -> Path:
     """A bundle with a tiny untrained encoder: real loading and inference, meaningless labels."""
     import torch
