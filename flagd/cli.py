@@ -624,6 +624,8 @@ def train(
     packet_bytes: Annotated[int, typer.Option(help="B: bytes kept per packet, from the IP header.")] = 128,
     packet_aware: Annotated[bool, typer.Option(help="Packet-aware input for flag, no-pretrain and bytes-only; --flat: the paper's flat input.")] = True,
     unlabelled: Annotated[list[Path] | None, typer.Option(help="Extra captures or trees for pre-training only (labels unused).")] = None,
+    outliers: Annotated[list[Path] | None, typer.Option(help="Foreign captures or trees (none of the classes) for outlier exposure while fine-tuning.")] = None,
+    outlier_weight: Annotated[float, typer.Option(min=0.0, help="Weight of the outlier-exposure loss.")] = 0.5,
     seed: int = 0,
 ) -> None:
     """The paper's protocol (40% unlabelled, 60% labelled 6:2:2; all and 10% of labels) with
@@ -634,7 +636,7 @@ def train(
     from flagd.evaluate import compare_table
     from flagd.experiment import VARIANTS, Protocol, run_protocol
 
-    for p in [*tree, *(unlabelled or [])]:
+    for p in [*tree, *(unlabelled or []), *(outliers or [])]:
         if not p.exists():
             raise fail(f"{p}: no such file or directory")
     for p in tree:
@@ -649,7 +651,8 @@ def train(
                      ready_packets=packets, packet_bytes=packet_bytes,
                      finetune_lr=finetune_lr, modes=tuple(mode or ("paper", "honest")),
                      variants=tuple(variant or VARIANTS), packet_aware=packet_aware,
-                     unlabelled=tuple(map(str, unlabelled or ())))
+                     unlabelled=tuple(map(str, unlabelled or ())),
+                     outliers=tuple(map(str, outliers or ())), outlier_weight=outlier_weight)
     try:
         proto.flow_settings(honest=True)  # bad K or B: one line now, not a traceback later
     except ValueError as e:

@@ -66,6 +66,8 @@ class Protocol:
     modes: tuple[str, ...] = ("paper", "honest")
     packet_aware: bool = True  # input of flag, no-pretrain and bytes-only (flag-flat: never)
     unlabelled: tuple[str, ...] = ()  # extra captures for pre-training only (labels unused)
+    outliers: tuple[str, ...] = ()  # foreign captures for outlier exposure in fine-tuning
+    outlier_weight: float = 0.5
     seed: int = 0
     overrides: dict = field(default_factory=dict)  # extra ModelConfig fields (tests: smaller)
 
@@ -168,9 +170,12 @@ def _splits(ds: Dataset, mode: str, seed: int) -> dict[str, np.ndarray]:
 
 
 def run_mode(ds: Dataset, mode: str, p: Protocol, out: Path, extra: Dataset | None = None,
-             log: Callable[[str], None] = print, progress: bool = True) -> list[dict]:
+             log: Callable[[str], None] = print, progress: bool = True,
+             outliers: Dataset | None = None) -> list[dict]:
     """Every variant and label fraction of one mode on one dataset; returns table rows.
-    extra: unlabelled flows built with the same settings, added to pre-training only."""
+    extra: unlabelled flows built with the same settings, added to pre-training only.
+    outliers: foreign flows built alike, pushed towards a flat prediction while every neural
+    variant fine-tunes (outlier exposure), so their rows stay comparable."""
     split = _splits(ds, mode, p.seed)
     (out / mode).mkdir(parents=True, exist_ok=True)
     (out / mode / "split.json").write_text(json.dumps({k: v.tolist() for k, v in split.items()}))
@@ -212,6 +217,8 @@ def run_mode(ds: Dataset, mode: str, p: Protocol, out: Path, extra: Dataset | No
             phrases = dicts[key]
             aware = p.packet_aware and variant != "flag-flat"
             ids, ctx = inputs.encode(phrases, corpus.flows, corpus.sides, p.max_len, aware)
+            o_ids, o_ctx = (None, None) if outliers is None else \
+                inputs.encode(phrases, outliers.flows, outliers.sides, p.max_len, aware)
             cfg = ModelConfig.preset(p.preset, vocab_size=phrases.vocab_size, max_len=p.max_len,
                                      packet_aware=aware, **p.overrides)
             init, pre_wall = None, 0.0
@@ -223,7 +230,8 @@ def run_mode(ds: Dataset, mode: str, p: Protocol, out: Path, extra: Dataset | No
                      train_ctx=_rows(ctx, tr), val_ctx=_rows(ctx, va),
                      labels=ds.classes, run_dir=run, epochs=p.finetune_epochs,
                      batch_size=p.batch_size, lr=p.finetune_lr, balance=p.balance,
-                     vocab_sha256=phrases.sha256, seed=p.seed, progress=progress, log=log)
+                     vocab_sha256=phrases.sha256, seed=p.seed, progress=progress, log=log,
+                     outlier_ids=o_ids, outlier_ctx=o_ctx, outlier_weight=p.outlier_weight)
             wall = time.monotonic() - t0 + pre_wall
             phrases.save(run / "phrases.json")
             report = evaluate_split(run, ids[te], _rows(ctx, te), ds.labels[te], ds.classes,
@@ -306,6 +314,11 @@ def run_protocol(tree: list[Path], out: Path, p: Protocol, label_kind: str = "di
         if p.unlabelled:
             extra = _dataset(out / mode / "unlabelled.npz",
                              lambda settings=settings: build(p.unlabelled, settings))
-        rows += run_mode(ds, mode, p, out, extra, log, progress)
+        outliers = None
+        if p.outliers:
+            outliers = _dataset(out / mode / "outliers.npz",
+                                lambda settings=settings: build(p.outliers, settings))
+            log(f"[{mode}] {len(outliers)} foreign flows for outlier exposure")
+        rows += run_mode(ds, mode, p, out, extra, log, progress, outliers)
     (out / "report.json").write_text(json.dumps({"protocol": asdict(p), "rows": rows}, indent=2))
     return rows

@@ -271,6 +271,12 @@ def _batches(data: torch.Tensor, ctx: torch.Tensor | None, indices: list[int],
         yield _take(data, ctx, indices[i : i + batch_size])
 
 
+def _stack(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Rows of a then b, the shorter padded with zeros (PAD id, empty context) to the longer."""
+    width = max(a.size(1), b.size(1))
+    return torch.cat([F.pad(t, (0, 0) * (t.dim() - 2) + (0, width - t.size(1))) for t in (a, b)])
+
+
 def _step(opt: torch.optim.Optimizer, model: nn.Module, loss: torch.Tensor, lr: float) -> None:
     """One optimizer step, the same for pre-training and fine-tuning: set the scheduled
     learning rate, backpropagate, clip the gradient norm at 1, step."""
@@ -590,6 +596,9 @@ def finetune(
     seed: int = 0,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    outlier_ids: np.ndarray | None = None,
+    outlier_ctx: np.ndarray | None = None,
+    outlier_weight: float = 0.5,
 ) -> dict[str, Any]:
     """Fine-tune a classifier on [CLS] from a pre-trained checkpoint dict (init), or from
     random weights when init is None (the no-pre-training baseline; cfg is then required).
@@ -600,6 +609,10 @@ def finetune(
     balance: "none", "weights" (loss weighted by n / (classes * n_class)) or "sampler"
     (class-balanced sampling with replacement). patience: stop after that many epochs
     without a better macro-F1. Returns the best metrics and the per-epoch history.
+    outlier_ids/outlier_ctx: flows of none of the classes (other captures, labels unused). With
+    them, each step also draws as many of those as it has training flows and adds outlier_weight
+    times their cross-entropy to the uniform distribution (outlier exposure, Hendrycks et al.
+    2019), teaching the classifier a low, flat softmax for traffic that is none of its classes.
     """
     if balance not in ("none", "weights", "sampler"):
         raise ValueError(f"balance must be none, weights or sampler, not {balance!r}")
@@ -623,6 +636,9 @@ def finetune(
     val_ctx = _as_ctx(val_ctx, len(val_ids), cfg)
     if int(y.min()) < 0 or int(y.max()) >= len(labels):
         raise ValueError("train_labels must index into labels")
+    outliers = None
+    if outlier_ids is not None and len(outlier_ids):
+        outliers = _as_tensor(outlier_ids), _as_ctx(outlier_ctx, len(outlier_ids), cfg)
 
     torch.manual_seed(seed)
     model = FlagEncoder(cfg)
@@ -658,6 +674,8 @@ def finetune(
             world_size=d.world,
             device=device.type,
             pretrained=init is not None,
+            n_outliers=0 if outliers is None else len(outliers[0]),
+            outlier_weight=0.0 if outliers is None else outlier_weight,
             n_train=len(data),
             n_val=len(val_ids),
             class_counts=counts.astype(int).tolist(),
@@ -685,9 +703,16 @@ def finetune(
             for i in range(0, len(indices), batch_size):
                 idx = indices[i : i + batch_size]
                 b_ids, b_ctx, target = _to(device, *_take(data, ctx, idx), y[idx])
+                if outliers is not None:  # one forward pass over both: cheaper than two
+                    pick = torch.randint(len(outliers[0]), (len(idx),),
+                                         generator=_step_generator(seed, step, d.rank)).tolist()
+                    o_ids, o_ctx = _to(device, *_take(*outliers, pick))
+                    b_ids, b_ctx = _stack(b_ids, o_ids), None if b_ctx is None else _stack(b_ctx, o_ctx)
                 with autocast(device):
-                    logits = ddp(b_ids, b_ctx)
-                loss = F.cross_entropy(logits.float(), target, weight=class_weight)
+                    logits = ddp(b_ids, b_ctx).float()
+                loss = F.cross_entropy(logits[: len(idx)], target, weight=class_weight)
+                if outliers is not None:
+                    loss = loss - outlier_weight * F.log_softmax(logits[len(idx):], -1).mean()
                 _step(opt, model, loss, _lr_at(step, total, warmup, lr))
                 step += 1
                 flows += len(idx) * d.world

@@ -269,6 +269,33 @@ def test_finetune_from_pretrained_keeps_best(tmp_path):
     assert settings_["train"]["class_counts"] == np.bincount(train_y, minlength=3).tolist()
 
 
+def test_outlier_exposure_flattens_foreign_flows_and_keeps_the_classes(tmp_path):
+    """Foreign flows draw their phrases from a band no class uses; exposed to some of them, the
+    classifier gives other foreign flows a much flatter softmax, and still learns the classes."""
+    from flagd.infer import predict_logits
+
+    train_x, train_y = labelled_flows(240, seed=11)
+    val_x, val_y = labelled_flows(90, seed=12)
+    foreign = random_flows(160, seed=13)
+    real = foreign >= NUM_SPECIAL
+    foreign[real] = np.random.default_rng(13).integers(NUM_SPECIAL + 60, V, real.sum())
+    seen, unseen = foreign[:80], foreign[80:]
+    top = {}
+    for weight in (0.0, 1.0):
+        out = finetune(train_x, train_y, val_x, val_y, init=None, cfg=tiny(), labels=["a", "b", "c"],
+                       run_dir=tmp_path / str(weight), epochs=6, batch_size=32, lr=3e-3,
+                       balance="weights", progress=False, outlier_ids=seen if weight else None,
+                       outlier_weight=weight)
+        assert out["best_val_macro_f1"] > 0.85
+        model, _ = load_checkpoint(tmp_path / str(weight) / "best.pt")
+        probs = predict_logits(model.eval(), torch.from_numpy(unseen)).softmax(-1)
+        top[weight] = probs.max(-1).values.mean().item()
+    settings_ = json.loads((tmp_path / "1.0" / "config.json").read_text())["train"]
+    assert settings_["n_outliers"] == 80 and settings_["outlier_weight"] == 1.0
+    # measured 0.77 without, 0.49 with (1/3 would be flat over three classes)
+    assert top[1.0] < top[0.0] - 0.15, top
+
+
 def test_class_balance_helps_the_rare_class(tmp_path):
     # 70/20/10: unweighted, the rare class is never predicted in this short run
     train_x, train_y = labelled_flows(240, seed=11)
