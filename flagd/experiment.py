@@ -114,6 +114,91 @@ def split_grouped(ds: Dataset, seed: int) -> dict[str, np.ndarray]:
     return {k: np.array(sorted(v), np.int64) for k, v in parts.items()}
 
 
+# Leave-one-implementation-out (`--mode loio`, lab runs only): the network-condition bins that go
+# entirely to test, and the bins every test flow is reported in (lower bound inclusive).
+LOIO_HELD_OUT = {"rate_mbit": "1-2 Mbit/s", "mtu": "1280-1319"}
+LOIO_BINS = {
+    "rate_mbit": ((1, "1-2 Mbit/s"), (2, "2-10 Mbit/s"), (10, "10-100 Mbit/s")),
+    "mtu": ((1280, "1280-1319"), (1320, "1320-1409"), (1410, "1410-1500")),
+}
+LOIO_VAL = 0.12  # share of the remaining captures of a class for validation
+
+
+def lab_sessions(ds: Dataset) -> list[dict]:
+    """Per source capture of `ds`, its `flagd lab generate` manifest record (the capture is
+    RUN/<class>/<session>.pcap; its run's RUN/manifest.json names app, tunnel and conditions)."""
+    runs: dict[Path, dict] = {}
+    out = []
+    for src in ds.sources:
+        path = Path(src)
+        run = path.parent.parent / "manifest.json"
+        if run not in runs:
+            if not run.exists():
+                raise ValueError(f"loio splits lab runs: {src} has no {run} "
+                                 "(a capture tree written by `flagd lab generate`)")
+            runs[run] = {r["id"]: r for r in json.loads(run.read_text())["sessions"]}
+        if path.stem not in runs[run]:
+            raise ValueError(f"{src}: no session {path.stem!r} in {run}")
+        out.append(runs[run][path.stem])
+    return out
+
+
+def condition_bins(record: dict) -> dict[str, str]:
+    """A lab session's network conditions as LOIO_BINS bins, plus its congestion control."""
+    cond = record.get("conditions")
+    if not cond:
+        return {k: "none" for k in (*LOIO_BINS, "congestion")}
+    bins = {k: [name for low, name in edges if cond[k] >= low][-1]
+            for k, edges in LOIO_BINS.items()}
+    return bins | {"congestion": cond["congestion"]}
+
+
+def implementation(record: dict) -> str:
+    """What a class's flows are made by: the tunnel for vpn-* (the inner apps are the plain
+    classes'), else the client app."""
+    return record["tunnel"] if record["tunnel"] != "none" else record["app"]
+
+
+def split_loio(ds: Dataset, seed: int) -> dict[str, np.ndarray]:
+    """Whole implementations and whole network conditions in test, none of them in training.
+
+    Per class one implementation, drawn with the seed, goes entirely to test: a VPN class's
+    tunnel kind; a plain class's client app among those that share their server program with
+    another app of the class (a second client: `sendxmpp-tls` beside `xmpp-tls`, not IRC, whose
+    protocol no other chat app speaks). Every session in a LOIO_HELD_OUT condition bin goes to
+    test too. Of the other captures, LOIO_VAL of each class validates, the rest trains (and
+    pre-trains: no unlabelled split).
+    """
+    from flagd.lab.apps import APPS  # the server program of each lab app
+
+    rng = np.random.default_rng(seed)
+    records = lab_sessions(ds)
+    impl = np.array([implementation(records[s]) for s in range(len(records))])[ds.source]
+    held_bin = np.array([any(condition_bins(r)[k] == v for k, v in LOIO_HELD_OUT.items())
+                         for r in records])[ds.source]
+    test = held_bin.copy()
+    for c in range(len(ds.classes)):
+        rows = ds.labels == c
+        kinds = sorted(set(impl[rows]))
+        if ds.classes[c].startswith("vpn-"):
+            pool = kinds
+        else:
+            server = {k: APPS[k].programs[0] if k in APPS else k for k in kinds}
+            pool = [k for k in kinds if sum(v == server[k] for v in server.values()) > 1]
+        if not pool:
+            raise ValueError(f"loio: class {ds.classes[c]!r} has no implementation to hold out "
+                             f"({', '.join(kinds)}: none with a second client)")
+        test |= rows & (impl == pool[rng.integers(len(pool))])
+    parts = {"unlabelled": [], "train": [], "val": [], "test": np.flatnonzero(test).tolist()}
+    for c in range(len(ds.classes)):
+        rows = np.flatnonzero((ds.labels == c) & ~test)
+        groups = rng.permutation(np.unique(ds.source[rows]))
+        val = groups[: round(LOIO_VAL * len(groups))]
+        parts["val"] += rows[np.isin(ds.source[rows], val)].tolist()
+        parts["train"] += rows[~np.isin(ds.source[rows], val)].tolist()
+    return {k: np.array(sorted(v), np.int64) for k, v in parts.items()}
+
+
 def _cut(items: np.ndarray, shares: tuple[float, ...]) -> list[np.ndarray]:
     bounds = np.round(np.cumsum(shares) * len(items)).astype(int)
     return np.split(items, bounds[:-1])
@@ -166,6 +251,8 @@ def evaluate_split(model_dir: Path, ids: np.ndarray, ctx: np.ndarray | None, lab
 def _splits(ds: Dataset, mode: str, seed: int) -> dict[str, np.ndarray]:
     if mode == "honest":
         return split_grouped(ds, seed)
+    if mode == "loio":
+        return split_loio(ds, seed)
     return split_random(ds, seed, PRODUCT_SHARES if mode == "product" else SHARES)
 
 

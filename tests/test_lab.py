@@ -20,7 +20,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,7 +30,7 @@ from typer.testing import CliRunner
 
 from flagd.capture import list_interfaces
 from flagd.frames import Frames
-from flagd.lab import apps, doctor, topology
+from flagd.lab import apps, conditions, doctor, topology
 from flagd.lab.apps import App, RunContext, voip, wait_tcp
 from flagd.lab.cli import Exit, lab_app
 from flagd.lab.generate import BENCHMARK_APPS, FORMAT, Settings, generate, plan, summarize
@@ -275,6 +275,81 @@ def test_sigterm_tears_down(tmp_path, stand_in):
 
 
 # -- generation with the stand-in app ----------------------------------------------------------
+
+
+RESUMABLE = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {root!r})
+    from pathlib import Path
+    from tests.test_lab import EchoTls
+    from flagd.lab import apps
+    from flagd.lab.generate import Settings, generate
+    apps.APPS[EchoTls.name] = EchoTls
+    apps.CLASSES[EchoTls.label] = [EchoTls.name]
+    try:
+        generate(Settings(out=Path({out!r}), classes=("test-echo",), sessions=8, seed=3),
+                 lambda rec: print("session", flush=True))
+    except KeyboardInterrupt:
+        sys.exit(130)
+    """
+)
+
+
+@netns
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["sigint", "sigkill"])
+def test_an_interrupted_run_resumes_with_the_same_plan(tmp_path, stand_in, sig):
+    out = tmp_path / "run"
+    script = RESUMABLE.format(root=str(ROOT), out=str(out))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    for _ in range(3):
+        assert proc.stdout.readline().strip() == "session"
+    proc.send_signal(sig)
+    proc.wait(timeout=30)
+    reap_stale()  # what a kill -9 left (the next build_lab would do it too)
+    before = json.loads((out / "manifest.json").read_text())
+    assert before["interrupted"] is (sig == signal.SIGINT)
+    assert 3 <= len(before["sessions"]) < 8
+    settings = Settings(out=out, classes=("test-echo",), sessions=8, seed=3)
+    doc = generate(settings)
+    ids = [s["id"] for s in doc["sessions"]]
+    planned = plan(settings, conditions.available_congestion())
+    assert sorted(ids) == sorted(j.id for j in planned)  # each session of the plan, once
+    assert doc["sessions"][: len(before["sessions"])] == before["sessions"]  # kept as they were
+    netem = doc["lab"]["netem"]  # without sch_netem the record says what the link did
+    drawn = {
+        j.id: (j.params, (j.conditions if netem else j.conditions.without_netem()).to_dict())
+        for j in planned
+    }
+    assert all(drawn[s["id"]] == (s["params"], s["conditions"]) for s in doc["sessions"])
+    assert not doc["interrupted"] and len(doc["sittings"]) == 2
+    assert doc["summary"]["test-echo"]["sessions"] == 8
+    assert len(list((out / "test-echo").glob("*.pcap"))) == 8
+
+
+@netns
+def test_flows_per_class_stops_a_class_and_a_resume_can_raise_it(tmp_path, stand_in):
+    settings = Settings(out=tmp_path, classes=("test-echo",), sessions=10, flows_per_class=2)
+    doc = generate(settings)
+    order = [j.id for j in plan(settings, conditions.available_congestion())]
+    assert [s["id"] for s in doc["sessions"]] == order[:2]  # one flow per echo session
+    doc = generate(replace(settings, flows_per_class=3))  # the stopping rule may change
+    assert [s["id"] for s in doc["sessions"]] == order[:3]
+    assert doc["summary"]["test-echo"]["flows"] == 3
+
+
+def test_resume_refuses_other_settings_and_foreign_files(tmp_path, stand_in):
+    settings = Settings(out=tmp_path, classes=("test-echo",), sessions=4, seed=3)
+    s = {**asdict(settings), "out": str(tmp_path), "seed": 4, "sessions": 5}
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": FORMAT, "settings": s}))
+    with pytest.raises(topology.LabError, match="seed 4 -> 3, sessions 5 -> 4"):
+        generate(settings)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(topology.LabError, match="cannot resume from it"):
+        generate(settings)
+    with pytest.raises(topology.LabError, match="flows_per_class must be >= 1"):
+        generate(replace(settings, flows_per_class=0))
+
 
 
 @netns
@@ -958,3 +1033,49 @@ def test_doctor_knows_the_ipsec_tunnel(monkeypatch):
     ]  # fmt: skip
     res = CliRunner().invoke(lab_app, ["doctor"])
     assert "MISSING  charon" in res.output and "vpn-* / ipsec" in res.output
+
+
+# -- the leave-one-implementation-out split over lab runs -----------------------------------------
+
+
+def test_loio_split_holds_out_whole_implementations_and_condition_bins(tmp_path):
+    from flagd.dataset import Dataset
+    from flagd.experiment import condition_bins, split_loio
+
+    # chat: three apps, IRC with a server of its own; vpn-chat: three tunnels
+    kinds = {"chat": [("xmpp-tls", "none"), ("sendxmpp-tls", "none"), ("irc-tls", "none")],
+             "vpn-chat": [("xmpp-tls", "wireguard"), ("xmpp-tls", "openvpn"), ("xmpp-tls", "ipsec")]}
+    rng = random.Random(0)
+    records, sources = [], []
+    for label, pairs in kinds.items():
+        for k in range(60):
+            app, tunnel = pairs[k % 3]
+            cond = conditions.draw(rng, ("cubic", "reno")).to_dict()
+            records.append({"id": f"{label}-{k}", "app": app, "tunnel": tunnel, "conditions": cond})
+            sources.append(str(tmp_path / "run" / label / f"{label}-{k}.pcap"))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps({"sessions": records}))
+    source = np.repeat(np.arange(len(sources)), 2).astype(np.int32)  # two flows per session
+    labels = (source >= 60).astype(np.int64)
+    n = len(source)
+    ds = Dataset([[b""]] * n, [[]] * n, labels, list(kinds), source, sources, np.zeros(n), {})
+
+    split = split_loio(ds, seed=0)
+    assert sorted(np.concatenate(list(split.values())).tolist()) == list(range(n))
+    assert len(split["unlabelled"]) == 0 and len(split["val"]) and len(split["train"])
+    impl = [records[s]["tunnel"] if records[s]["tunnel"] != "none" else records[s]["app"]
+            for s in source]
+    trained = np.concatenate([split["train"], split["val"]])
+    for c in (0, 1):  # one implementation per class only in test; IRC (no second client) never
+        held = {impl[i] for i in split["test"] if labels[i] == c}
+        held -= {impl[i] for i in trained if labels[i] == c}
+        assert len(held) == 1 and held != {"irc-tls"}
+    for i in trained:  # the held-out condition bins only in test
+        bins = condition_bins(records[source[i]])
+        assert bins["rate_mbit"] != "1-2 Mbit/s" and bins["mtu"] != "1280-1319"
+    assert set(source[split["val"]]).isdisjoint(source[split["train"]])  # whole captures
+
+    elsewhere = [str(tmp_path / "elsewhere" / "x" / "y.pcap")] * len(sources)
+    bad = Dataset(ds.flows, ds.sides, labels, ds.classes, source, elsewhere, ds.start, {})
+    with pytest.raises(ValueError, match="flagd lab generate"):
+        split_loio(bad, seed=0)

@@ -111,7 +111,12 @@ def generate(
         ),
     ] = "none",
     sessions: Annotated[
-        int, typer.Option("--sessions", min=1, help="Sessions per class (and tunnel).")
+        int,
+        typer.Option(
+            "--sessions",
+            min=1,
+            help="Sessions per class (and tunnel) in the plan; with --flows-per-class, the most.",
+        ),
     ] = 10,
     seed: Annotated[
         int, typer.Option("--seed", help="Seed for every random choice of the run.")
@@ -139,8 +144,20 @@ def generate(
             "congestion control drawn from the seed) or none (a plain link, as older runs).",
         ),
     ] = "random",
+    flows_per_class: Annotated[
+        int | None,
+        typer.Option(
+            "--flows-per-class",
+            min=1,
+            help="Skip a class's sessions once its kept flows reach this many.",
+        ),
+    ] = None,
 ) -> None:
-    """Run client sessions against real servers and write one labelled capture per session."""
+    """Run client sessions against real servers and write one labelled capture per session.
+
+    An existing OUT/manifest.json is resumed: its sessions are kept and the rest of the same
+    seed's plan runs (the settings must be the same; --clients and --flows-per-class may differ).
+    """
     from flagd.lab.apps import CLASSES
     from flagd.lab.doctor import MissingPrograms
     from flagd.lab.generate import Settings
@@ -159,7 +176,10 @@ def generate(
         random_ports=random_ports,
         keep_packets=keep_packets,
         conditions=conditions,
+        flows_per_class=flows_per_class,
     )
+    if (out / "manifest.json").exists():
+        typer.echo(f"resuming the run in {out}")
 
     def progress(rec: dict) -> None:
         state = "ok  " if rec["valid"] else "SKIP"
@@ -185,4 +205,12 @@ def generate(
             f"{label:<14} {c['sessions']:4d} sessions {c['rejected']:3d} rejected "
             f"{c['flows']:5d} flows {c['flows_per_minute']:7.1f} flows/min"
         )
+    short = {
+        label: c["flows"]
+        for label, c in doc["summary"].items()
+        if flows_per_class and c["flows"] < flows_per_class
+    }
+    if short:  # the plan ran out first: only another run (seed) or a larger plan adds flows
+        what = ", ".join(f"{label} {n}" for label, n in short.items())
+        typer.echo(f"flagd: the plan ended below {flows_per_class} flows for {what}", err=True)
     typer.echo(f"manifest: {out / 'manifest.json'}")

@@ -9,6 +9,11 @@ statistics, validate, and write `OUT/<class>/<session>.pcap` with at most `keep_
 per flow. Every session, kept or rejected, goes into `OUT/manifest.json`, rewritten atomically
 after each one so an interrupted run still leaves a correct manifest of what it wrote.
 
+A run resumes from that manifest: the same settings on the same `OUT` keep every session already
+recorded and run the rest of the same seed's plan (`resume`). `flows_per_class` is a stopping
+rule on that plan: a class's sessions are skipped once its kept flows reach the target, so a
+class of one flow per session (vpn-*) and one of three (torrent) both end near it.
+
 With `clients > 1` that many client namespaces run sessions at once, one worker thread each.
 """
 
@@ -71,6 +76,9 @@ class Settings:
     # "random": network conditions drawn per session (`conditions`); "none": a plain link, as
     # every run made before conditions existed
     conditions: str = "random"
+    # stop scheduling a class's sessions once its kept flows reach this (None: run the whole
+    # plan); it only skips, so the plan, and what a resumed run draws, stays the seed's
+    flows_per_class: int | None = None
     rules: Rules = field(default_factory=Rules)
 
 
@@ -138,6 +146,8 @@ def check_settings(settings: Settings) -> list[type[App]]:
         )
     if settings.sessions < 1 or settings.seconds <= 0:
         raise LabError("sessions must be >= 1 and seconds > 0")
+    if settings.flows_per_class is not None and settings.flows_per_class < 1:
+        raise LabError("flows_per_class must be >= 1")
     apps = [
         APPS[name]
         for label in settings.classes
@@ -201,6 +211,34 @@ class Manifest:
         self.path = settings.out / MANIFEST
         self.lock = threading.Lock()
 
+    def resume(self, settings: Settings) -> None:
+        """Take over the sessions of the manifest already in `settings.out`, which a run with
+        the same plan wrote (LabError otherwise: the plan would not be the same)."""
+        try:
+            old = json.loads(self.path.read_text())
+        except (OSError, ValueError) as e:
+            raise LabError(f"{self.path}: cannot resume from it ({e}); move it away") from None
+        if not isinstance(old, dict) or old.get("format") != FORMAT:
+            raise LabError(f"{self.path}: not a {FORMAT} manifest; move it away")
+        # what does not change the plan may differ: clients, the stopping rule, `out` itself
+        free = ("out", "clients", "flows_per_class")
+        as_read = json.loads(json.dumps(self.doc["settings"]))  # tuples as the file has them
+        new = {k: v for k, v in as_read.items() if k not in free}
+        was = {k: v for k, v in old["settings"].items() if k not in free}
+        was.setdefault("conditions", "none")  # manifests from before conditions existed
+        differ = sorted(k for k in new.keys() | was.keys() if new.get(k) != was.get(k))
+        if differ:
+            what = ", ".join(f"{k} {was.get(k)!r} -> {new.get(k)!r}" for k in differ)
+            raise LabError(f"{self.path} was written with other settings ({what}); "
+                           "resume with the same ones or use another --out")  # fmt: skip
+        # one entry per sitting: when it started and with how many clients
+        sittings = old.get("sittings") or [
+            {"started": old["created"], "clients": old["settings"]["clients"]}
+        ]
+        sittings.append({"started": _now(), "clients": self.doc["settings"]["clients"]})
+        self.doc.update(created=old["created"], sessions=old["sessions"], sittings=sittings)
+        self.doc["summary"] = summarize(self.doc["sessions"], self.doc["settings"]["clients"])
+
     def add(self, record: dict) -> None:
         with self.lock:
             self.doc["sessions"].append(record)
@@ -263,10 +301,14 @@ def run_session(
     try:
         rec = Recorder(client.ns, client.ifname)  # before the tunnel: its handshake is captured
         try:
+            failure = None
             if job.tunnel == "none":
                 rc = app.session(ctx, client, job.params)
             else:
-                rc = _tunnelled(ctx, client, job, app, cond)
+                try:
+                    rc = _tunnelled(ctx, client, job, app, cond)
+                except LabError as e:  # this session's tunnel, not the lab: reject it, go on
+                    rc, failure = -1, f"tunnel failed: {e}"
             time.sleep(DRAIN_SECONDS)
         finally:
             frames, capture = rec.stop()
@@ -275,7 +317,7 @@ def run_session(
             conditions.reset(lab, client, DEFAULT_RATE_MBIT)
     seconds = time.time() - started
     stats = session_stats(frames)
-    reason = validate(rc, stats, settings.rules, client.addr)
+    reason = failure or validate(rc, stats, settings.rules, client.addr)
     if reason is None and job.tunnel != "none":
         reason = only_tunnel(stats, client, ctx.shared[job.tunnel].port)
     if reason is None and capture.dropped:
@@ -358,6 +400,10 @@ def generate(
     jobs = plan(settings, congestion)
     settings.out.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(settings, programs)
+    if manifest.path.exists():
+        manifest.resume(settings)
+        done = {s["id"] for s in manifest.doc["sessions"]}
+        jobs = [j for j in jobs if j.id not in done]
     manifest.write()
     restore = _sigterm_as_interrupt()
     try:
@@ -417,13 +463,25 @@ def _run_jobs(
     lock = threading.Lock()
     errors: list[BaseException] = []
     stop = threading.Event()
+    target = settings.flows_per_class
+    flows: dict[str, int] = {}  # per class: kept flows, plus one for each session under way
+    for s in manifest.doc["sessions"]:
+        flows[s["class"]] = flows.get(s["class"], 0) + (len(s["flows"]) if s["valid"] else 0)
+
+    def next_job() -> Job | None:
+        with lock:
+            while todo:
+                job = todo.pop()
+                if target is None or flows.get(job.label, 0) < target:
+                    flows[job.label] = flows.get(job.label, 0) + 1
+                    return job
+            return None
 
     def worker(client: Client) -> None:
         while not stop.is_set():
-            with lock:
-                if not todo:
-                    return
-                job = todo.pop()
+            job = next_job()
+            if job is None:
+                return
             try:
                 record, kept = run_session(ctx, client, job, settings)
                 if kept is not None:
@@ -431,6 +489,8 @@ def _run_jobs(
                     path.parent.mkdir(parents=True, exist_ok=True)
                     write_pcap(path, kept)
                 manifest.add(record)
+                with lock:  # the session's real flows replace the one it was counted as
+                    flows[job.label] += (len(record["flows"]) if record["valid"] else 0) - 1
                 if progress:
                     progress(record)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread

@@ -92,14 +92,22 @@ class WireGuard:
         proc = self.lab.popen(ns, ["wireguard-go", "-f", self.ifname(ns)], log=f"wg-{ns}",
                               must_live=router, env=_ENV)
         deadline = time.monotonic() + 10
-        while not self._exists(ns):
+        # wireguard-go makes the interface before its control socket; a `wg set` in between
+        # falls back to kernel netlink and fails ("Protocol not supported": no kernel
+        # WireGuard here), which once ended a whole run: retry until the socket answers
+        why = ""
+        while True:
+            if self._exists(ns):
+                args = ("set", self.ifname(ns), "private-key", str(key), "listen-port", str(port))
+                res = self.lab.run(ns, ["wg", *args])
+                if res.returncode == 0:
+                    return proc
+                why = f"wg set: {res.stderr.strip()}"
             if proc.poll() is not None or time.monotonic() > deadline:
-                why = self.lab.log(f"wg-{ns}")[-300:]
+                why = why or self.lab.log(f"wg-{ns}")[-300:]
                 self.lab.reap(proc, 0)
-                raise LabError(f"wireguard-go did not create {self.ifname(ns)} in {ns}: {why}")
+                raise LabError(f"wireguard-go did not set up {self.ifname(ns)} in {ns}: {why}")
             time.sleep(0.05)
-        self._wg(ns, "set", self.ifname(ns), "private-key", str(key), "listen-port", str(port))
-        return proc
 
     def _exists(self, ns: str) -> bool:
         return self.lab.run(ns, ["ip", "link", "show", self.ifname(ns)]).returncode == 0
