@@ -42,6 +42,7 @@ class RunConfig:
     batch_delay_ms: float = 20.0
     stats_interval: float = 10.0
     idle_timeout: float = 120.0
+    established_timeout: float = 600.0
     active_timeout: float = 1800.0
     max_flows: int = 262_144
     top_k: int = 3
@@ -78,6 +79,7 @@ class RunConfig:
             community_id_seed=self.community_id_seed,
         )
         flows = replace(flows, idle_timeout=self.idle_timeout, active_timeout=self.active_timeout,
+                        established_timeout=self.established_timeout,
                         max_flows=self.max_flows)
         return PipelineSettings(flows=flows, batch_size=self.batch_size,
                                 batch_delay=self.batch_delay_ms / 1000, header=header,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -241,3 +242,20 @@ def test_replay_of_a_directory_without_captures_is_a_one_line_error(tmp_path):
     (tmp_path / "empty").mkdir()
     r = runner.invoke(app, ["replay", str(tmp_path / "empty"), "--no-model"])
     assert r.exit_code == 1 and "no capture files" in r.output and "Traceback" not in r.output
+
+
+def test_the_shipped_flagd_toml_sets_every_key_and_reaches_the_flow_table():
+    """systemd/flagd.toml is the documented config: every RunConfig key appears (set or
+    commented out), it loads, and its timeouts are the flow table's."""
+    from dataclasses import fields
+
+    from flagd.daemon import RunConfig
+    from flagd.flows import FlowSettings
+
+    path = Path(__file__).resolve().parents[1] / "systemd" / "flagd.toml"
+    text = path.read_text()
+    missing = [f.name for f in fields(RunConfig) if f"{f.name} =" not in text]
+    assert not missing, missing
+    cfg = RunConfig.load(path, established_timeout=30.0)
+    flows = cfg.pipeline_settings(FlowSettings()).flows
+    assert (flows.idle_timeout, flows.established_timeout, flows.active_timeout) == (120, 30, 1800)
