@@ -50,6 +50,17 @@ class WorkerSpec:
     flows: FlowSettings
     user: str | None
 
+    def to_dict(self) -> dict:
+        """Plain JSON types: the spec crosses to the privileged helper, which takes no pickle."""
+        return {"iface": self.iface, "bpf": self.bpf, "promisc": self.promisc,
+                "group": self.group, "flows": self.flows.to_dict(), "user": self.user}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> WorkerSpec:
+        return cls(str(d["iface"]), None if d["bpf"] is None else str(d["bpf"]),
+                   bool(d["promisc"]), int(d["group"]), FlowSettings.from_dict(d["flows"]),
+                   None if d["user"] is None else str(d["user"]))
+
 
 @dataclass(slots=True)
 class WorkerState:
@@ -170,7 +181,7 @@ class CaptureGroup:
         self._own_helper = helper is None
         self.helper = helper or Helper.start()
         # A group id of our own: other programs' fanout groups on the interface stay separate.
-        self._spec = pickle.dumps(WorkerSpec(iface, bpf, promisc, os.getpid() & 0xFFFF, flows, user))
+        self._spec = WorkerSpec(iface, bpf, promisc, os.getpid() & 0xFFFF, flows, user).to_dict()
         self.workers = [WorkerState() for _ in range(workers)]
         self.lost_flows = 0  # open flows of capture processes that died
         self._dead = FlowStats()  # what processes that died had counted

@@ -14,16 +14,20 @@ ever have. Whenever it needs capture it asks the helper, over a private socketpa
   process with threads can deadlock the child on a lock some other thread held. The child
   starts as a copy of this thread-free helper and imports what it needs itself.
 
-The helper keeps the privilege it was started with (root, or systemd's ambient CAP_NET_RAW),
-accepts requests only from the daemon at the other end of its socketpair, and exits when the
-daemon goes away (end of file on that socket).
+The helper keeps only the capabilities those two requests need (CAP_NET_RAW, and CAP_SETUID and
+CAP_SETGID for a capture process to become the daemon's user), accepts requests only from the
+daemon at the other end of its socketpair, and exits when the daemon goes away (end of file on
+that socket). Requests are JSON, never pickle: the daemon parses untrusted packets, and a pickle
+is code, so a daemon taken over through its parser must not be able to run code in the one
+process that is still privileged.
 """
 
 from __future__ import annotations
 
 import array
+import ctypes
+import json
 import os
-import pickle
 import select
 import signal
 import socket
@@ -36,8 +40,13 @@ class HelperError(RuntimeError):
     """The helper could not do what it was asked; the message is one line."""
 
 
+CAP_SETGID = 6
 CAP_SETUID = 7
+CAP_SETPCAP = 8
 CAP_NET_RAW = 13
+_KEEP = (CAP_SETGID, CAP_SETUID, CAP_NET_RAW)  # what the helper's two requests need
+_PR_CAPBSET_DROP = 24
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 
 def has_capability(cap: int) -> bool:
@@ -58,7 +67,7 @@ def has_cap_net_raw() -> bool:
 
 
 def _send(sock: socket.socket, msg: object, fds: list[int] = ()) -> None:
-    data = pickle.dumps(msg)
+    data = json.dumps(msg).encode()
     if fds:
         sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
     else:
@@ -76,7 +85,34 @@ def _recv(sock: socket.socket) -> tuple[object, list[int]] | None:
         for fd in fds:
             os.close(fd)
         return None
-    return pickle.loads(data), list(fds)
+    try:
+        return json.loads(data), list(fds)
+    except ValueError:  # not JSON: a request nobody we know sent
+        for fd in fds:
+            os.close(fd)
+        return ["?"], []
+
+
+def keep_only_capture_capabilities() -> None:
+    """Narrow this process to _KEEP: the bounding set first (so no exec can regain the rest),
+    then the permitted, effective and inheritable sets. Root stays uid 0 (file access as root
+    remains) but loses every other capability: no mounts, no module loading, no ptrace."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    keep = sum(1 << c for c in _KEEP)
+    last = int(open("/proc/sys/kernel/cap_last_cap").read())
+    for cap in range(last + 1):
+        if cap not in _KEEP and cap != CAP_SETPCAP:
+            libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0)  # fails harmlessly without CAP_SETPCAP
+    libc.prctl(_PR_CAPBSET_DROP, CAP_SETPCAP, 0, 0, 0)
+    header = ctypes.create_string_buffer(
+        _LINUX_CAPABILITY_VERSION_3.to_bytes(4, "little") + bytes(4))
+    data = (ctypes.c_uint32 * 6)()
+    if libc.capget(header, data) != 0:
+        return
+    for i in (0, 1, 2):  # effective, permitted, inheritable (low 32 capabilities)
+        data[i] &= keep
+    data[3] = data[4] = data[5] = 0  # capabilities 32-63: none needed
+    libc.capset(header, data)
 
 
 class Helper:
@@ -127,9 +163,10 @@ class Helper:
             raise HelperError("capture helper sent no socket")
         return socket.socket(fileno=fds[0])
 
-    def spawn(self, index: int, spec: bytes, channel: socket.socket) -> int:
-        """Fork capture process `index` with its pickled spec and its end of the channel."""
-        pid, _ = self._call(("spawn", int(index), bytes(spec)), [channel.fileno()])
+    def spawn(self, index: int, spec: dict, channel: socket.socket) -> int:
+        """Fork capture process `index` with its spec (`WorkerSpec.to_dict()`) and its end of
+        the channel."""
+        pid, _ = self._call(("spawn", int(index), spec), [channel.fileno()])
         return int(pid)
 
     def close(self) -> None:
@@ -149,6 +186,7 @@ def _serve(sock: socket.socket) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         # Ctrl-C and systemd's stop reach the whole process group; the daemon decides.
         signal.signal(sig, signal.SIG_IGN)
+    keep_only_capture_capabilities()
     while True:
         ready = select.select([sock], [], [], 1.0)[0]
         _reap()
@@ -162,7 +200,9 @@ def _serve(sock: socket.socket) -> None:
             return
         msg, fds = got
         try:
-            if msg[0] == "socket":
+            if not isinstance(msg, list) or not msg:
+                _send(sock, ("error", "malformed request"))
+            elif msg[0] == "socket" and len(msg) == 2 and type(msg[1]) is int:
                 try:
                     s = socket.socket(socket.AF_PACKET, msg[1], 0)
                 except PermissionError:
@@ -173,16 +213,17 @@ def _serve(sock: socket.socket) -> None:
                     continue
                 _send(sock, ("ok", None), [s.fileno()])
                 s.close()
-            elif msg[0] == "spawn" and len(fds) == 1:
+            elif msg[0] == "spawn" and len(msg) == 3 and type(msg[1]) is int \
+                    and isinstance(msg[2], dict) and len(fds) == 1:
                 _send(sock, ("ok", _fork_capture(sock, msg[1], msg[2], fds[0])))
             else:
-                _send(sock, ("error", f"unknown request {msg[0]!r}"))
+                _send(sock, ("error", f"unknown request {str(msg[0])[:40]!r}"))
         finally:
             for fd in fds:
                 os.close(fd)
 
 
-def _fork_capture(control: socket.socket, index: int, spec: bytes, channel_fd: int) -> int:
+def _fork_capture(control: socket.socket, index: int, spec: dict, channel_fd: int) -> int:
     pid = os.fork()
     if pid:
         return pid
@@ -191,9 +232,9 @@ def _fork_capture(control: socket.socket, index: int, spec: bytes, channel_fd: i
         control.close()
         # Capture processes need no BLAS threads: numpy's OpenBLAS would start one per core.
         os.environ["OPENBLAS_NUM_THREADS"] = "1"
-        from flagd.fanout import capture_main
+        from flagd.fanout import WorkerSpec, capture_main
 
-        capture_main(index, pickle.loads(spec), socket.socket(fileno=os.dup(channel_fd)))
+        capture_main(index, WorkerSpec.from_dict(spec), socket.socket(fileno=os.dup(channel_fd)))
     except BaseException:  # noqa: BLE001 - the traceback is on stderr; the daemon sees the exit
         import traceback
 

@@ -3,6 +3,7 @@ thread, and the event log is created 0640 whatever the umask."""
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import re
@@ -167,3 +168,39 @@ def test_ambient_cap_net_raw_is_gone_from_every_thread(ambient_daemon_threads):
         assert "NoNewPrivs:\t1" in st_
     net_raw = 1 << 13
     assert len(helper_caps) == 1 and helper_caps[0]["CapEff"] == net_raw
+
+
+_HELPER_PROBE = """
+import json, os, pickle, socket, sys
+from flagd.helper import Helper, _recv
+
+class RunsCode:  # what a daemon taken over through its packet parser could send
+    def __reduce__(self):
+        return (os.system, ("touch " + sys.argv[1],))
+
+h = Helper.start()
+h._sock.send(pickle.dumps(RunsCode()))
+reply, _ = _recv(h._sock)
+sock = h.packet_socket(socket.SOCK_RAW)  # still does its job afterwards
+status = open(f"/proc/{h.pid}/status").read()
+print(json.dumps({"reply": reply, "status": status, "socket": sock.fileno() >= 0}))
+h.close()
+"""
+
+
+def test_the_capture_helper_keeps_only_capture_capabilities_and_runs_no_pickle(tmp_path):
+    """The helper is the one process that stays privileged: it narrows itself to CAP_NET_RAW,
+    CAP_SETUID and CAP_SETGID (bounding set too), and a pickle sent to it is refused, not run."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the helper narrows root's capabilities")
+    canary = tmp_path / "ran"
+    r = subprocess.run([sys.executable, "-c", _HELPER_PROBE, str(canary)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["reply"][0] == "error" and out["socket"]
+    assert not canary.exists()
+    want = 1 << 6 | 1 << 7 | 1 << 13  # CAP_SETGID, CAP_SETUID, CAP_NET_RAW
+    c = caps(out["status"])
+    assert c["CapEff"] == c["CapPrm"] == c["CapBnd"] == want, c
+    assert c["CapInh"] == c["CapAmb"] == 0
