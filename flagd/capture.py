@@ -47,6 +47,7 @@ PACKET_RX_RING = 5
 PACKET_STATISTICS = 6
 PACKET_AUXDATA = 8
 PACKET_VERSION = 10
+PACKET_RESERVE = 12
 PACKET_IGNORE_OUTGOING = 23
 PACKET_FANOUT = 18
 # Fanout by the kernel's flow hash, which is symmetric (__skb_get_hash_symmetric): both
@@ -57,6 +58,12 @@ PACKET_FANOUT_FLAG_DEFRAG = 0x8000
 TPACKET_V3 = 2
 TP_STATUS_KERNEL = 0
 TP_STATUS_USER = 1
+# The kernel takes an 802.1Q tag out of the frame (VLAN offload) and reports it beside it: put it
+# back, as libpcap does, so a live capture keys flows by VLAN like a replay of the same traffic.
+TP_STATUS_VLAN_VALID = 0x10
+TP_STATUS_VLAN_TPID_VALID = 0x40
+ETH_P_8021Q = 0x8100
+_VLAN_TAG_LEN = 4
 PACKET_OUTGOING = 4  # sll_pkttype of a packet this host sent
 SO_ATTACH_FILTER = 26
 SO_RCVBUFFORCE = 33
@@ -372,6 +379,11 @@ class LiveCapture:
         caplen = self._u32[w + 3].astype(np.int64)
         wirelen = self._u32[w + 4].astype(np.int64)
         start = hdr + self._u16[(hdr >> 1) + 12]  # tp_mac
+        if not self._cooked:
+            tagged = (self._u32[w + 5] & TP_STATUS_VLAN_VALID) != 0  # tp_status
+            if tagged.any():
+                start, caplen, wirelen = self._insert_vlan_tags(hdr, w, tagged, start, caplen,
+                                                                wirelen)
         if self._skip_outgoing:
             keep = ring[hdr + _HDR_SLL + 10] != PACKET_OUTGOING  # sockaddr_ll.sll_pkttype
             hdr, ts, caplen, wirelen, start = (
@@ -394,6 +406,29 @@ class LiveCapture:
         idx = np.repeat(start - offset, caplen)
         idx += self._iota[: len(idx)]
         return ring[idx], offset, caplen, wirelen, ts
+
+    def _insert_vlan_tags(self, hdr: np.ndarray, w: np.ndarray, tagged: np.ndarray,
+                          start: np.ndarray, caplen: np.ndarray, wirelen: np.ndarray
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Move the two MAC addresses of each tagged frame 4 bytes back, into the room
+        PACKET_RESERVE left, and write the tag (TPID, TCI) between them and the EtherType."""
+        s = start[tagged]
+        if (s - hdr[tagged] < _HDR_SLL + 20 + _VLAN_TAG_LEN).any():
+            raise CaptureError(f"unexpected TPACKET_V3 layout on {self.iface}: no room for VLAN tags")
+        ring = self._ring
+        for k in range(12):  # ascending: each byte moves to a place already read
+            ring[s - _VLAN_TAG_LEN + k] = ring[s + k]
+        tci = self._u32[w[tagged] + 8]  # tp_vlan_tci
+        tpid = np.where(self._u32[w[tagged] + 5] & TP_STATUS_VLAN_TPID_VALID,
+                        self._u16[(hdr[tagged] >> 1) + 18], ETH_P_8021Q)  # tp_vlan_tpid
+        at = s - _VLAN_TAG_LEN + 12
+        ring[at], ring[at + 1] = tpid >> 8, tpid & 0xFF
+        ring[at + 2], ring[at + 3] = (tci >> 8) & 0xFF, tci & 0xFF
+        start, caplen, wirelen = start.copy(), caplen.copy(), wirelen.copy()
+        start[tagged] -= _VLAN_TAG_LEN
+        caplen[tagged] += _VLAN_TAG_LEN
+        wirelen[tagged] += _VLAN_TAG_LEN
+        return start, caplen, wirelen
 
     def _write_sll_headers(self, hdr: np.ndarray, start: np.ndarray) -> np.ndarray:
         """Build LINKTYPE_LINUX_SLL headers in the 16 bytes the kernel leaves before tp_net."""
@@ -438,14 +473,22 @@ class LiveCapture:
                 break
             if skip_out and addr[2] == PACKET_OUTGOING:
                 continue
-            ts, wire = time.time(), n
+            ts, wire, tag = time.time(), n, None
             for level, kind, data in ancdata:
                 if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
                     sec, nsec = struct.unpack_from("qq", data)
                     ts = sec + nsec * 1e-9
                 elif level == SOL_PACKET and kind == PACKET_AUXDATA:
-                    wire = struct.unpack_from("I", data, 4)[0]  # tp_len: before snaplen cut
+                    status, wire = struct.unpack_from("II", data)  # tp_len: before snaplen cut
+                    if status & TP_STATUS_VLAN_VALID and not cooked:
+                        tci, tpid = struct.unpack_from("HH", data, 16)
+                        tag = (tpid if status & TP_STATUS_VLAN_TPID_VALID else ETH_P_8021Q, tci)
             cap = min(n, slot - _SLL_HDR_LEN)
+            if tag is not None and cap >= 12:  # the slot keeps 16 spare bytes past `cap`
+                self._buf[pos + 16 : pos + cap + 4] = self._buf[pos + 12 : pos + cap]
+                struct.pack_into("!HH", self._buf, pos + 12, *tag)
+                cap += _VLAN_TAG_LEN
+                wire += _VLAN_TAG_LEN
             if cooked:
                 # addr = (ifname, protocol, pkttype, hatype, hwaddr)
                 struct.pack_into(
@@ -510,6 +553,7 @@ def _setup_ring(
     sock: socket.socket, block_size: int, block_count: int, block_timeout_ms: int
 ) -> mmap.mmap:
     sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
+    sock.setsockopt(SOL_PACKET, PACKET_RESERVE, _VLAN_TAG_LEN)  # room to put a VLAN tag back
     frame_nr = block_size * block_count // _FRAME_SIZE
     req = struct.pack("7I", block_size, block_count, _FRAME_SIZE, frame_nr, block_timeout_ms, 0, 0)
     sock.setsockopt(SOL_PACKET, PACKET_RX_RING, req)

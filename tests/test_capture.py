@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import pytest
 
 from flagd import capture as capture_mod
@@ -121,6 +122,40 @@ def test_every_tls_and_udp_packet_is_captured(pair: VethPair, ring: bool) -> Non
     assert all(p.payload_len == 120 for p in direction(pkts, udp))
     assert (frames.caplen == frames.wirelen).all()
     assert (frames.ts >= t0 - 1).all() and (frames.ts <= time.time() + 1).all()
+
+
+_SEND_FRAMES = """
+import socket, sys
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind((sys.argv[1], 0))
+for h in sys.argv[2:]:
+    s.send(bytes.fromhex(h))
+"""
+
+
+@pytest.mark.parametrize("ring", [True, False], ids=["ring", "socket"])
+def test_vlan_tags_the_kernel_takes_out_are_put_back(pair: VethPair, ring: bool) -> None:
+    """The kernel removes the outer 802.1Q/802.1ad tag of every received frame and reports it
+    beside the frame; the capture puts it back, so frames (and flow keys) are the wire's: the
+    same 5-tuple on two VLANs is two flows, as in a replay of the same traffic."""
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Dot1AD, Dot1Q, Ether
+
+    from flagd.flows import flow_keys
+    from flagd.packets import decode
+
+    eth = Ether(dst="02:00:00:00:00:01", src="02:00:00:00:00:02")
+    ip = IP(src="198.51.100.200", dst="198.51.100.201") / UDP(sport=5000, dport=9999) / (b"x" * 50)
+    sent = [bytes(eth / Dot1Q(vlan=100, prio=3) / ip), bytes(eth / Dot1Q(vlan=200) / ip),
+            bytes(eth / Dot1AD(vlan=300) / Dot1Q(vlan=100) / ip), bytes(eth / ip)]
+    with open_capture(pair.a.ifname, ring=ring) as cap:
+        pair.run(pair.b, [sys.executable, "-c", _SEND_FRAMES, pair.b.ifname, *(f.hex() for f in sent)])
+        frames = cap.drain()
+    got = [bytes(frames.data[o:o + n]) for o, n in zip(frames.offset, frames.caplen)]
+    assert got == sent and (frames.wirelen == [len(f) for f in sent]).all()
+    p = decode(frames)
+    keys, _ = flow_keys(p, np.arange(len(sent)))
+    assert len(set(keys)) == 4  # VLAN 100, VLAN 200, QinQ 300/100, untagged
 
 
 @pytest.mark.parametrize("ring", [True, False], ids=["ring", "socket"])
