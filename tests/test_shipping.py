@@ -86,6 +86,8 @@ def expected_ecs(ev: dict) -> dict:
                 out[ecs]["ip"] = addr
             out[ecs]["port"] = ev[f"{eve}_port"]
         out["network"] = {"transport": ev["proto"].lower()}
+        if "community_id" in ev:
+            out["network"]["community_id"] = ev["community_id"]
     if "flag" in ev:
         out["flagd"] = dict(ev["flag"])
     if "flow" in ev:

@@ -46,7 +46,7 @@ function flagd_ecs(tag, timestamp, eve)
     if is_address(eve.src_ip) then out.source.ip = eve.src_ip end
     out.destination = {address = eve.dest_ip, port = eve.dest_port}
     if is_address(eve.dest_ip) then out.destination.ip = eve.dest_ip end
-    out.network = {transport = string.lower(eve.proto)}
+    out.network = {transport = string.lower(eve.proto), community_id = eve.community_id}
   end
 
   -- flag{} becomes flagd.* unchanged, so new keys travel too
