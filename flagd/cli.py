@@ -424,6 +424,8 @@ def finetune(
     label_fraction: Annotated[float, typer.Option(help="Use this share of the training labels (per class).")] = 1.0,
     seed: int = 0,
     packet_aware: Annotated[bool, typer.Option(help="With --no-pretrain: packet-aware input; --flat: the paper's.")] = True,
+    outliers: Annotated[list[Path] | None, typer.Option(help="Foreign flows (datasets .npz built like TRAIN, or capture trees; labels unused) for outlier exposure.")] = None,
+    outlier_weight: Annotated[float, typer.Option(min=0.0, help="Weight of the outlier-exposure loss.")] = 0.5,
 ) -> None:
     """Fine-tune a classifier on [CLS]; keeps the epoch with the best validation macro-F1."""
     import numpy as np
@@ -451,16 +453,43 @@ def finetune(
                                                max_len=max_len, packet_aware=packet_aware)
     max_len = ckpt["config"]["max_len"] if ckpt else max_len
     aware = ckpt["config"].get("packet_aware", False) if ckpt else packet_aware
+    settings = FlowSettings.from_dict(tr.settings)
+    foreign = _foreign_flows(outliers or [], settings)
     tr_ids, tr_ctx = _model_input(phrases, [tr], max_len, aware)
     va_ids, va_ctx = _model_input(phrases, [va], max_len, aware)
+    o_ids, o_ctx = _model_input(phrases, foreign, max_len, aware) if foreign else (None, None)
     run_finetune(tr_ids, tr.labels, va_ids, va.labels, train_ctx=tr_ctx, val_ctx=va_ctx,
                  init=ckpt, cfg=cfg, labels=tr.classes, run_dir=out, epochs=epochs,
-                 batch_size=batch_size, lr=lr, vocab_sha256=phrases.sha256, seed=seed)
-    s = tr.settings
-    settings = FlowSettings.from_dict(s)
+                 batch_size=batch_size, lr=lr, vocab_sha256=phrases.sha256, seed=seed,
+                 outlier_ids=o_ids, outlier_ctx=o_ctx, outlier_weight=outlier_weight)
     best = torch.load(out / "best.pt", weights_only=True)
     bundle = save_bundle(out / "model", best, phrases, settings, max_len, metrics=best["metrics"])
     typer.echo(f"{bundle}: model bundle (use with --model)")
+
+
+def _foreign_flows(paths: list[Path], settings) -> list:
+    """Outlier-exposure flows: datasets built with `settings` (the training set's), or capture
+    trees built with them here."""
+    from flagd.dataset import Dataset, DatasetError, build
+
+    out, trees = [], []
+    for p in paths:
+        if not p.exists():
+            raise fail(f"{p}: no such file or directory")
+        if p.suffix != ".npz":
+            trees.append(p)
+            continue
+        try:
+            ds = Dataset.load(p)
+        except DatasetError as e:
+            raise fail(str(e)) from None
+        if ds.settings != settings.to_dict():
+            raise fail(f"{p}: built with other flow settings than the training set; rebuild it "
+                       f"with the same --packets and --packet-bytes")
+        out.append(ds)
+    if trees:
+        out.append(build(trees, settings))
+    return out
 
 
 def _flows_for(bundle, paths: list[Path], labels: str | None) -> list:

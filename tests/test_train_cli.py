@@ -164,6 +164,19 @@ def test_pretrain_then_finetune_commands_make_a_bundle(tmp_path):
     r = runner.invoke(app, ["finetune", str(tmp_path / "train.npz"), str(tmp_path / "val.npz"),
                             "--vocab", str(vocab), "-o", str(tmp_path / "ft2")])
     assert r.exit_code == 2 and "--no-pretrain" in r.output
+    # outlier exposure: a capture tree is built with the training set's settings; a dataset
+    # built with another K is refused in one line
+    r = runner.invoke(app, ["finetune", str(tmp_path / "train.npz"), str(tmp_path / "val.npz"),
+                            "--vocab", str(vocab), "--init", str(tmp_path / "pre" / "best.pt"),
+                            "--epochs", "1", "-o", str(tmp_path / "oe"), "--outliers", str(tree)])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "oe" / "config.json").read_text())["train"]["n_outliers"] == len(d)
+    other = tmp_path / "k3.npz"
+    assert runner.invoke(app, ["dataset", "build", str(tree), "-o", str(other), "--packets", "3"]).exit_code == 0
+    r = runner.invoke(app, ["finetune", str(tmp_path / "train.npz"), str(tmp_path / "val.npz"),
+                            "--vocab", str(vocab), "--init", str(tmp_path / "pre" / "best.pt"),
+                            "-o", str(tmp_path / "oe2"), "--outliers", str(other)])
+    assert r.exit_code == 1 and "other flow settings" in r.output
 
 
 def test_train_on_too_few_flows_is_one_line(tmp_path):
