@@ -101,6 +101,7 @@ ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Model bundl
 NoModelOpt = Annotated[bool, typer.Option("--no-model", help="Only meter flows; classify nothing.")]
 LogOpt = Annotated[str | None, typer.Option("--log", "-l", help="JSONL event log ('-' = stdout).")]
 DashOpt = Annotated[bool | None, typer.Option("--dashboard/--no-dashboard", help="Terminal dashboard [default: when stdout is a terminal and --log is a file].")]
+RejectOpt = Annotated[bool | None, typer.Option("--reject/--no-reject", help="Open-set rejection: label flows unlike the model's training data unknown [default: on, or reject in the config].")]
 MinConfOpt = Annotated[float | None, typer.Option("--min-confidence", help="Label a flow unknown below this calibrated top-1 probability too (besides the bundle's open-set rejection) [default: 0, or min_confidence in the config].")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file (see README); options given here override it.")]
 
@@ -154,6 +155,7 @@ def replay(
     stats_interval: Annotated[float | None, typer.Option(help="Seconds between stats events (0: only the final one).")] = None,
     anonymize: Annotated[bool | None, typer.Option("--anonymize/--no-anonymize", help="Keyed-hash pseudonyms instead of addresses in events (key: anonymize_key in the config file).")] = None,
     min_confidence: MinConfOpt = None,
+    reject: RejectOpt = None,
 ) -> None:
     """Run the classification pipeline on capture files and write their events (one log, one
     final stats event). An unreadable file is named with its reason and skipped; the exit
@@ -165,7 +167,7 @@ def replay(
     try:
         cfg = RunConfig.load(config, log=log, dashboard=dashboard, batch_size=batch_size,
                              batch_delay_ms=batch_delay_ms, stats_interval=stats_interval,
-                             anonymize=anonymize, min_confidence=min_confidence)
+                             anonymize=anonymize, min_confidence=min_confidence, reject=reject)
     except ValueError as e:
         raise fail(str(e)) from None
     if not expand_captures(captures):
@@ -190,6 +192,7 @@ def run(
     workers: Annotated[int | None, typer.Option(help="Capture processes in one AF_PACKET fanout group (flows hashed symmetrically).")] = None,
     anonymize: Annotated[bool | None, typer.Option("--anonymize/--no-anonymize", help="Keyed-hash pseudonyms instead of addresses in events (key: anonymize_key in the config file).")] = None,
     min_confidence: MinConfOpt = None,
+    reject: RejectOpt = None,
 ) -> None:
     """Capture live traffic on an interface and classify every flow."""
     from flagd.helper import CAP_SETUID, Helper, has_cap_net_raw, has_capability
@@ -211,14 +214,15 @@ def run(
             except PrivilegeError as e:
                 raise fail(str(e)) from None
         _run(iface, log, model, no_model, bpf, promisc, user, dashboard, config, batch_size,
-             batch_delay_ms, stats_interval, workers, anonymize, helper, min_confidence)
+             batch_delay_ms, stats_interval, workers, anonymize, helper, min_confidence, reject)
     finally:
         if helper is not None:
             helper.close()
 
 
 def _run(iface, log, model, no_model, bpf, promisc, user, dashboard, config, batch_size,
-         batch_delay_ms, stats_interval, workers, anonymize, helper, min_confidence=None) -> None:
+         batch_delay_ms, stats_interval, workers, anonymize, helper, min_confidence=None,
+         reject=None) -> None:
     from flagd.capture import open_capture
     from flagd.daemon import RunConfig
     from flagd.source import FanoutSource, LiveSource
@@ -227,7 +231,7 @@ def _run(iface, log, model, no_model, bpf, promisc, user, dashboard, config, bat
         cfg = RunConfig.load(config, iface=iface, log=log, bpf=bpf, promisc=promisc, user=user,
                              dashboard=dashboard, batch_size=batch_size, workers=workers,
                              batch_delay_ms=batch_delay_ms, stats_interval=stats_interval,
-                             anonymize=anonymize, min_confidence=min_confidence)
+                             anonymize=anonymize, min_confidence=min_confidence, reject=reject)
     except ValueError as e:
         raise fail(str(e)) from None
     if not cfg.iface:

@@ -226,3 +226,19 @@ def test_evaluate_refuses_a_dataset_built_for_another_k_or_b(bundle_dir, tmp_pat
             assert r.exit_code == 1
             assert what in r.output and "rebuild it" in r.output
             assert len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_the_quick_start_sample_is_unknown_to_the_shipped_model_unless_rejection_is_off(tmp_path):
+    """The README's sample (a Python TLS echo and a UDP echo) is none of the 12 ISCX classes:
+    the shipped model says `unknown` for every flow; --no-reject gives its closed-set guesses."""
+    sample = Path(__file__).parent / "data" / "lab-tls.pcap"
+    labels = {}
+    for flag in ("--reject", "--no-reject"):
+        log = tmp_path / f"{flag}.jsonl"
+        r = CliRunner().invoke(app, ["replay", str(sample), "--log", str(log), "--no-dashboard", flag])
+        assert r.exit_code == 0, r.output
+        events = [json.loads(line) for line in log.read_text().splitlines()]
+        labels[flag] = [e["flag"]["label"] for e in events if e["event_type"] == "classification"]
+    assert len(labels["--reject"]) == len(labels["--no-reject"]) == 9
+    assert set(labels["--reject"]) == {O.UNKNOWN}
+    assert O.UNKNOWN not in labels["--no-reject"]
