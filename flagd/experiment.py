@@ -392,7 +392,8 @@ def run_protocol(tree: list[Path], out: Path, p: Protocol, label_kind: str = "di
     (out / "protocol.json").write_text(json.dumps(asdict(p), indent=2))
     rows = []
     for mode in p.modes:
-        settings = p.flow_settings(honest=mode == "honest")
+        # loio splits lab runs, whose random server ports are one per app and run: mask them
+        settings = p.flow_settings(honest=mode in ("honest", "loio"))
         ds = _dataset(out / mode / "dataset.npz",
                       lambda settings=settings: build(tree, settings, label=labeller(label_kind)))
         log(f"[{mode}] dataset: {len(ds)} flows, {ds.stats.get('duplicates', 0)} duplicates "

@@ -192,3 +192,10 @@ def test_train_on_too_few_flows_is_one_line(tmp_path):
 def test_train_rejects_bad_packet_settings(tmp_path):
     r = runner.invoke(app, ["train", str(tmp_path), "-o", str(tmp_path / "run"), "--packet-bytes", "32"])
     assert r.exit_code == 2 and "packet_bytes must be at least 40" in r.output
+
+
+def test_train_loio_mode_is_for_lab_runs_only(tmp_path):
+    tree = make_tree(tmp_path / "tree")
+    r = runner.invoke(app, ["train", str(tree), "-o", str(tmp_path / "run"), "--preset", "tiny",
+                            "--mode", "loio"])
+    assert r.exit_code == 1 and "loio splits lab runs" in r.output, r.output
