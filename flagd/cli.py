@@ -493,6 +493,8 @@ def _foreign_flows(paths: list[Path], settings) -> list:
         out.append(ds)
     if trees:
         out.append(build(trees, settings))
+    if paths and not sum(map(len, out)):  # training would silently go on without exposure
+        raise fail(f"no flows in {', '.join(map(str, paths))} for outlier exposure")
     return out
 
 

@@ -406,6 +406,8 @@ def run_protocol(tree: list[Path], out: Path, p: Protocol, label_kind: str = "di
         if p.outliers:
             outliers = _dataset(out / mode / "outliers.npz",
                                 lambda settings=settings: build(p.outliers, settings))
+            if not len(outliers):
+                raise ValueError(f"no flows in {', '.join(p.outliers)} for outlier exposure")
             log(f"[{mode}] {len(outliers)} foreign flows for outlier exposure")
         rows += run_mode(ds, mode, p, out, extra, log, progress, outliers)
     (out / "report.json").write_text(json.dumps({"protocol": asdict(p), "rows": rows}, indent=2))

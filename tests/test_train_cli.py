@@ -177,6 +177,13 @@ def test_pretrain_then_finetune_commands_make_a_bundle(tmp_path):
                             "--vocab", str(vocab), "--init", str(tmp_path / "pre" / "best.pt"),
                             "-o", str(tmp_path / "oe2"), "--outliers", str(other)])
     assert r.exit_code == 1 and "other flow settings" in r.output
+    flat = tmp_path / "flat"  # no flows at all: an error, not training without exposure
+    flat.mkdir()
+    (flat / "notes.txt").write_text("no captures here")
+    r = runner.invoke(app, ["finetune", str(tmp_path / "train.npz"), str(tmp_path / "val.npz"),
+                            "--vocab", str(vocab), "--init", str(tmp_path / "pre" / "best.pt"),
+                            "-o", str(tmp_path / "oe3"), "--outliers", str(flat)])
+    assert r.exit_code == 1 and "no flows in" in r.output, r.output
 
 
 def test_train_on_too_few_flows_is_one_line(tmp_path):
