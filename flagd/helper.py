@@ -25,13 +25,14 @@ process that is still privileged.
 from __future__ import annotations
 
 import array
-import ctypes
 import json
 import os
 import select
 import signal
 import socket
 import threading
+
+from flagd.privileges import PrivilegeError, keep_only_capabilities
 
 _MAX_REQUEST = 1 << 16
 
@@ -42,11 +43,8 @@ class HelperError(RuntimeError):
 
 CAP_SETGID = 6
 CAP_SETUID = 7
-CAP_SETPCAP = 8
 CAP_NET_RAW = 13
 _KEEP = (CAP_SETGID, CAP_SETUID, CAP_NET_RAW)  # what the helper's two requests need
-_PR_CAPBSET_DROP = 24
-_LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 
 def has_capability(cap: int) -> bool:
@@ -91,28 +89,6 @@ def _recv(sock: socket.socket) -> tuple[object, list[int]] | None:
         for fd in fds:
             os.close(fd)
         return ["?"], []
-
-
-def keep_only_capture_capabilities() -> None:
-    """Narrow this process to _KEEP: the bounding set first (so no exec can regain the rest),
-    then the permitted, effective and inheritable sets. Root stays uid 0 (file access as root
-    remains) but loses every other capability: no mounts, no module loading, no ptrace."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    keep = sum(1 << c for c in _KEEP)
-    last = int(open("/proc/sys/kernel/cap_last_cap").read())
-    for cap in range(last + 1):
-        if cap not in _KEEP and cap != CAP_SETPCAP:
-            libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0)  # fails harmlessly without CAP_SETPCAP
-    libc.prctl(_PR_CAPBSET_DROP, CAP_SETPCAP, 0, 0, 0)
-    header = ctypes.create_string_buffer(
-        _LINUX_CAPABILITY_VERSION_3.to_bytes(4, "little") + bytes(4))
-    data = (ctypes.c_uint32 * 6)()
-    if libc.capget(header, data) != 0:
-        return
-    for i in (0, 1, 2):  # effective, permitted, inheritable (low 32 capabilities)
-        data[i] &= keep
-    data[3] = data[4] = data[5] = 0  # capabilities 32-63: none needed
-    libc.capset(header, data)
 
 
 class Helper:
@@ -186,7 +162,10 @@ def _serve(sock: socket.socket) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         # Ctrl-C and systemd's stop reach the whole process group; the daemon decides.
         signal.signal(sig, signal.SIG_IGN)
-    keep_only_capture_capabilities()
+    try:
+        keep_only_capabilities(_KEEP)
+    except PrivilegeError:
+        pass  # as narrow as the kernel lets it be; the requests still check what they need
     while True:
         ready = select.select([sock], [], [], 1.0)[0]
         _reap()
