@@ -279,6 +279,7 @@ def run_mode(ds: Dataset, mode: str, p: Protocol, out: Path, extra: Dataset | No
     te = split["test"]
     rows = []
     dicts: dict[str, PhraseDict] = {}
+    encoded: dict[tuple[str, bool], tuple] = {}
     for variant in p.variants:
         for frac in p.fractions:
             tr = subsample(split["train"], ds.labels, frac, p.seed)
@@ -303,9 +304,12 @@ def run_mode(ds: Dataset, mode: str, p: Protocol, out: Path, extra: Dataset | No
                     (pk for i in pre_rows for pk in corpus.flows[i]), p.vocab_size)
             phrases = dicts[key]
             aware = p.packet_aware and variant != "flag-flat"
-            ids, ctx = inputs.encode(phrases, corpus.flows, corpus.sides, p.max_len, aware)
-            o_ids, o_ctx = (None, None) if outliers is None else \
-                inputs.encode(phrases, outliers.flows, outliers.sides, p.max_len, aware)
+            if (key, aware) not in encoded:  # once per input kind, not per label fraction
+                encoded[key, aware] = (
+                    inputs.encode(phrases, corpus.flows, corpus.sides, p.max_len, aware),
+                    (None, None) if outliers is None else
+                    inputs.encode(phrases, outliers.flows, outliers.sides, p.max_len, aware))
+            (ids, ctx), (o_ids, o_ctx) = encoded[key, aware]
             cfg = ModelConfig.preset(p.preset, vocab_size=phrases.vocab_size, max_len=p.max_len,
                                      packet_aware=aware, **p.overrides)
             init, pre_wall = None, 0.0
