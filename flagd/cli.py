@@ -649,7 +649,8 @@ def train(
     max_len: int = 128,
     pretrain_epochs: int = 20,
     finetune_epochs: int = 20,
-    batch_size: int = 64,
+    batch_size: Annotated[int, typer.Option(help="Fine-tuning batch (and pre-training's unless --pretrain-batch-size).")] = 64,
+    pretrain_batch_size: Annotated[int | None, typer.Option(help="Pre-training batch [default: --batch-size].")] = None,
     pretrain_lr: float = 5e-4,
     finetune_lr: float = 3e-4,
     variant: Annotated[list[str] | None, typer.Option(help="flag, flag-flat, no-pretrain, bytes-only and/or rf [default: all].")] = None,
@@ -682,7 +683,7 @@ def train(
         raise fail(f"unknown variant or mode: {', '.join(sorted(bad))}", Exit.USAGE)
     proto = Protocol(preset=preset, vocab_size=vocab_size, max_len=max_len,
                      pretrain_epochs=pretrain_epochs, finetune_epochs=finetune_epochs,
-                     batch_size=batch_size, seed=seed, pretrain_lr=pretrain_lr,
+                     batch_size=batch_size, pretrain_batch_size=pretrain_batch_size, seed=seed, pretrain_lr=pretrain_lr,
                      ready_packets=packets, packet_bytes=packet_bytes,
                      finetune_lr=finetune_lr, modes=tuple(mode or ("paper", "honest")),
                      variants=tuple(variant or VARIANTS), packet_aware=packet_aware,

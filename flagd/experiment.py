@@ -58,6 +58,7 @@ class Protocol:
     pretrain_epochs: int = 20
     finetune_epochs: int = 20
     batch_size: int = 64
+    pretrain_batch_size: int | None = None  # None: batch_size (a GPU takes bigger batches)
     pretrain_lr: float = 5e-4
     finetune_lr: float = 3e-4
     balance: str = "weights"
@@ -286,6 +287,10 @@ def run_mode(ds: Dataset, mode: str, p: Protocol, out: Path, extra: Dataset | No
             va = subsample(split["val"], ds.labels, frac, p.seed)
             name = f"{variant}-{int(frac * 100)}"
             run = out / mode / name
+            if (run / "row.json").exists():  # finished before this run was interrupted
+                rows.append(json.loads((run / "row.json").read_text()))
+                log(f"[{mode}] {name}: finished in an earlier run, kept")
+                continue
             t0 = time.monotonic()
             if variant == "rf":
                 k = p.ready_packets
@@ -296,7 +301,7 @@ def run_mode(ds: Dataset, mode: str, p: Protocol, out: Path, extra: Dataset | No
                 evaluate.write_json(report, run / "report.json")
                 rows.append(evaluate.compare_row(f"{mode}: random forest", report, labels=frac,
                                                  wall_s=time.monotonic() - t0))
-                _log_row(log, mode, name, report)
+                _finish(log, mode, run, rows[-1], report)
                 continue
             key = "bytes" if variant == "bytes-only" else "phrases"
             if key not in dicts:
@@ -317,7 +322,7 @@ def run_mode(ds: Dataset, mode: str, p: Protocol, out: Path, extra: Dataset | No
                 init, pre_wall = _pretrained(out / mode / f"pretrain-{key}{'' if aware else '-flat'}",
                                              ids, ctx, pre_rows, split["val"], cfg, phrases, p,
                                              log, progress)
-            finetune(ids[tr], ds.labels[tr], ids[va], ds.labels[va], init=init, cfg=cfg,
+            tuned = finetune(ids[tr], ds.labels[tr], ids[va], ds.labels[va], init=init, cfg=cfg,
                      train_ctx=_rows(ctx, tr), val_ctx=_rows(ctx, va),
                      labels=ds.classes, run_dir=run, epochs=p.finetune_epochs,
                      batch_size=p.batch_size, lr=p.finetune_lr, balance=p.balance,
@@ -329,20 +334,28 @@ def run_mode(ds: Dataset, mode: str, p: Protocol, out: Path, extra: Dataset | No
                                     n_dropped)
             evaluate.write_json(report, run / "report.json")
             n_params = sum(v.numel() for v in torch.load(run / "best.pt", weights_only=True)["model"].values())
+            _write(run / "finetune.json", tuned)  # the per-epoch validation history
             rows.append(evaluate.compare_row(f"{mode}: {variant}", report, labels=frac,
-                                             wall_s=wall, model_params=n_params))
+                                             wall_s=wall, model_params=n_params)
+                        | {"val_macro_f1": tuned["best_val_macro_f1"]})  # what a sweep picks on
             if variant == "flag" and frac == 1.0:  # the model to ship: a bundle for --model
                 export(run, phrases, ds, p, report, te)
-            _log_row(log, mode, name, report)
+            _finish(log, mode, run, rows[-1], report)
     return rows
+
+
+def _write(path: Path, result: dict) -> None:
+    path.write_text(json.dumps({k: v for k, v in result.items() if k != "confusion"}, indent=1))
 
 
 def _rows(ctx: np.ndarray | None, idx: np.ndarray) -> np.ndarray | None:
     return None if ctx is None else ctx[idx]
 
 
-def _log_row(log: Callable[[str], None], mode: str, name: str, report: dict) -> None:
-    log(f"[{mode}] {name}: accuracy {report['accuracy']:.4f} macro-F1 "
+def _finish(log: Callable[[str], None], mode: str, run: Path, row: dict, report: dict) -> None:
+    """Log a finished variant and mark it done (row.json), so a restarted run skips it."""
+    (run / "row.json").write_text(json.dumps(row))
+    log(f"[{mode}] {run.name}: accuracy {report['accuracy']:.4f} macro-F1 "
         f"{report['macro_f1']:.4f} TPR {report['tpr']:.4f} FPR {report['fpr']:.4f}")
 
 
@@ -353,10 +366,12 @@ def _pretrained(run: Path, ids: np.ndarray, ctx: np.ndarray | None, rows: np.nda
     resumed if interrupted, reused by every label fraction."""
     if not (run / "wall_s").exists():  # not finished: start, or resume an interrupted run
         t0 = time.monotonic()
-        pretrain(ids[rows], ids[val], cfg, run, train_ctx=_rows(ctx, rows),
-                 val_ctx=_rows(ctx, val), epochs=p.pretrain_epochs, batch_size=p.batch_size,
-                 lr=p.pretrain_lr, vocab_sha256=phrases.sha256, seed=p.seed,
-                 progress=progress, log=log, resume=(run / "last.pt").exists())
+        done = pretrain(ids[rows], ids[val], cfg, run, train_ctx=_rows(ctx, rows),
+                        val_ctx=_rows(ctx, val), epochs=p.pretrain_epochs,
+                        batch_size=p.pretrain_batch_size or p.batch_size, lr=p.pretrain_lr, vocab_sha256=phrases.sha256,
+                        seed=p.seed, progress=progress, log=log,
+                        resume=(run / "last.pt").exists())
+        _write(run / "history.json", done)  # the validation curve a card prints
         (run / "wall_s").write_text(f"{time.monotonic() - t0:.1f}")
     return torch.load(run / "best.pt", weights_only=True), float((run / "wall_s").read_text())
 

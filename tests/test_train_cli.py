@@ -94,15 +94,35 @@ def test_product_mode_pretrains_on_extra_captures_and_records_its_test_flows(tmp
     r = runner.invoke(app, ["train", str(tree), "-o", str(out), "--mode", "product",
                             "--variant", "flag", "--variant", "rf", "--unlabelled", str(extra),
                             "--preset", "tiny", "--max-len", "48", "--vocab-size", "512",
-                            "--pretrain-epochs", "1", "--finetune-epochs", "2", "--batch-size", "16"])
+                            "--pretrain-epochs", "1", "--finetune-epochs", "2", "--batch-size", "16",
+                            "--pretrain-batch-size", "8"])
     assert r.exit_code == 0, r.output
     assert "20 extra unlabelled flows for pre-training" in r.output
+    curve = json.loads((out / "product" / "pretrain-phrases" / "history.json").read_text())
+    assert [h["step"] for h in curve["history"]][-1] == curve["step"] > 0
+    tuned = json.loads((out / "product" / "flag-100" / "finetune.json").read_text())
+    assert len(tuned["history"]) == 2 and "confusion" not in tuned
+    row = json.loads((out / "report.json").read_text())["rows"][0]
+    assert row["val_macro_f1"] == tuned["best_val_macro_f1"]
     split = json.loads((out / "product" / "split.json").read_text())
     assert not split["unlabelled"] and len(split["test"]) == 18  # 10% of 3 x 60
     pre = json.loads((out / "product" / "pretrain-phrases" / "config.json").read_text())
     assert pre["train"]["n_train"] == len(split["train"]) + 20  # labels unused, test never
+    assert pre["train"]["batch_size"] == 8
     test_flows = json.loads((out / "product" / "flag-100" / "model" / "test-flows.json").read_text())
     assert len(test_flows) == 18 and all(c.endswith(".pcap") for c, _ in test_flows)
+    # an interrupted run resumes: what finished is kept, not trained again
+    best = out / "product" / "flag-100" / "best.pt"
+    stamp = best.stat().st_mtime_ns
+    (out / "product" / "rf-100" / "row.json").unlink()
+    r = runner.invoke(app, ["train", str(tree), "-o", str(out), "--mode", "product",
+                            "--variant", "flag", "--variant", "rf", "--unlabelled", str(extra),
+                            "--preset", "tiny", "--max-len", "48", "--vocab-size", "512",
+                            "--pretrain-epochs", "1", "--finetune-epochs", "2", "--batch-size", "16",
+                            "--pretrain-batch-size", "8"])
+    assert r.exit_code == 0, r.output
+    assert "flag-100: finished in an earlier run, kept" in r.output
+    assert "rf-100: accuracy" in r.output and best.stat().st_mtime_ns == stamp
     r = runner.invoke(app, ["train", str(tree), "-o", str(out), "--variant", "nope"])
     assert r.exit_code == 2 and "unknown variant or mode: nope" in r.output
 
