@@ -683,7 +683,8 @@ def train(
         raise fail(f"unknown variant or mode: {', '.join(sorted(bad))}", Exit.USAGE)
     proto = Protocol(preset=preset, vocab_size=vocab_size, max_len=max_len,
                      pretrain_epochs=pretrain_epochs, finetune_epochs=finetune_epochs,
-                     batch_size=batch_size, pretrain_batch_size=pretrain_batch_size, seed=seed, pretrain_lr=pretrain_lr,
+                     batch_size=batch_size, pretrain_batch_size=pretrain_batch_size, seed=seed,
+                     pretrain_lr=pretrain_lr,
                      ready_packets=packets, packet_bytes=packet_bytes,
                      finetune_lr=finetune_lr, modes=tuple(mode or ("paper", "honest")),
                      variants=tuple(variant or VARIANTS), packet_aware=packet_aware,

@@ -323,11 +323,12 @@ def run_mode(ds: Dataset, mode: str, p: Protocol, out: Path, extra: Dataset | No
                                              ids, ctx, pre_rows, split["val"], cfg, phrases, p,
                                              log, progress)
             tuned = finetune(ids[tr], ds.labels[tr], ids[va], ds.labels[va], init=init, cfg=cfg,
-                     train_ctx=_rows(ctx, tr), val_ctx=_rows(ctx, va),
-                     labels=ds.classes, run_dir=run, epochs=p.finetune_epochs,
-                     batch_size=p.batch_size, lr=p.finetune_lr, balance=p.balance,
-                     vocab_sha256=phrases.sha256, seed=p.seed, progress=progress, log=log,
-                     outlier_ids=o_ids, outlier_ctx=o_ctx, outlier_weight=p.outlier_weight)
+                             train_ctx=_rows(ctx, tr), val_ctx=_rows(ctx, va),
+                             labels=ds.classes, run_dir=run, epochs=p.finetune_epochs,
+                             batch_size=p.batch_size, lr=p.finetune_lr, balance=p.balance,
+                             vocab_sha256=phrases.sha256, seed=p.seed, progress=progress, log=log,
+                             outlier_ids=o_ids, outlier_ctx=o_ctx,
+                             outlier_weight=p.outlier_weight)
             wall = time.monotonic() - t0 + pre_wall
             phrases.save(run / "phrases.json")
             report = evaluate_split(run, ids[te], _rows(ctx, te), ds.labels[te], ds.classes,
@@ -368,8 +369,8 @@ def _pretrained(run: Path, ids: np.ndarray, ctx: np.ndarray | None, rows: np.nda
         t0 = time.monotonic()
         done = pretrain(ids[rows], ids[val], cfg, run, train_ctx=_rows(ctx, rows),
                         val_ctx=_rows(ctx, val), epochs=p.pretrain_epochs,
-                        batch_size=p.pretrain_batch_size or p.batch_size, lr=p.pretrain_lr, vocab_sha256=phrases.sha256,
-                        seed=p.seed, progress=progress, log=log,
+                        batch_size=p.pretrain_batch_size or p.batch_size, lr=p.pretrain_lr,
+                        vocab_sha256=phrases.sha256, seed=p.seed, progress=progress, log=log,
                         resume=(run / "last.pt").exists())
         _write(run / "history.json", done)  # the validation curve a card prints
         (run / "wall_s").write_text(f"{time.monotonic() - t0:.1f}")
