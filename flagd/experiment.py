@@ -335,7 +335,8 @@ def run_mode(ds: Dataset, mode: str, p: Protocol, out: Path, extra: Dataset | No
                                     n_dropped)
             evaluate.write_json(report, run / "report.json")
             n_params = sum(v.numel() for v in torch.load(run / "best.pt", weights_only=True)["model"].values())
-            _write(run / "finetune.json", tuned)  # the per-epoch validation history
+            evaluate.write_json({k: v for k, v in tuned.items() if k != "confusion"},
+                                run / "finetune.json")  # the per-epoch validation history
             rows.append(evaluate.compare_row(f"{mode}: {variant}", report, labels=frac,
                                              wall_s=wall, model_params=n_params)
                         | {"val_macro_f1": tuned["best_val_macro_f1"]})  # what a sweep picks on
@@ -343,10 +344,6 @@ def run_mode(ds: Dataset, mode: str, p: Protocol, out: Path, extra: Dataset | No
                 export(run, phrases, ds, p, report, te)
             _finish(log, mode, run, rows[-1], report)
     return rows
-
-
-def _write(path: Path, result: dict) -> None:
-    path.write_text(json.dumps({k: v for k, v in result.items() if k != "confusion"}, indent=1))
 
 
 def _rows(ctx: np.ndarray | None, idx: np.ndarray) -> np.ndarray | None:
@@ -372,7 +369,7 @@ def _pretrained(run: Path, ids: np.ndarray, ctx: np.ndarray | None, rows: np.nda
                         batch_size=p.pretrain_batch_size or p.batch_size, lr=p.pretrain_lr,
                         vocab_sha256=phrases.sha256, seed=p.seed, progress=progress, log=log,
                         resume=(run / "last.pt").exists())
-        _write(run / "history.json", done)  # the validation curve a card prints
+        evaluate.write_json(done, run / "history.json")  # the validation curve a card prints
         (run / "wall_s").write_text(f"{time.monotonic() - t0:.1f}")
     return torch.load(run / "best.pt", weights_only=True), float((run / "wall_s").read_text())
 

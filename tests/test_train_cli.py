@@ -91,11 +91,12 @@ def test_product_mode_pretrains_on_extra_captures_and_records_its_test_flows(tmp
     extra.mkdir()
     crafted.write_pcap(extra / "other.pcap", flows_of("tls", 20, seed=99), LINKTYPE_ETHERNET)
     out = tmp_path / "run"
-    r = runner.invoke(app, ["train", str(tree), "-o", str(out), "--mode", "product",
-                            "--variant", "flag", "--variant", "rf", "--unlabelled", str(extra),
-                            "--preset", "tiny", "--max-len", "48", "--vocab-size", "512",
-                            "--pretrain-epochs", "1", "--finetune-epochs", "2", "--batch-size", "16",
-                            "--pretrain-batch-size", "8"])
+    argv = ["train", str(tree), "-o", str(out), "--mode", "product",
+            "--variant", "flag", "--variant", "rf", "--unlabelled", str(extra),
+            "--preset", "tiny", "--max-len", "48", "--vocab-size", "512",
+            "--pretrain-epochs", "1", "--finetune-epochs", "2", "--batch-size", "16",
+            "--pretrain-batch-size", "8"]
+    r = runner.invoke(app, argv)
     assert r.exit_code == 0, r.output
     assert "20 extra unlabelled flows for pre-training" in r.output
     curve = json.loads((out / "product" / "pretrain-phrases" / "history.json").read_text())
@@ -115,11 +116,7 @@ def test_product_mode_pretrains_on_extra_captures_and_records_its_test_flows(tmp
     best = out / "product" / "flag-100" / "best.pt"
     stamp = best.stat().st_mtime_ns
     (out / "product" / "rf-100" / "row.json").unlink()
-    r = runner.invoke(app, ["train", str(tree), "-o", str(out), "--mode", "product",
-                            "--variant", "flag", "--variant", "rf", "--unlabelled", str(extra),
-                            "--preset", "tiny", "--max-len", "48", "--vocab-size", "512",
-                            "--pretrain-epochs", "1", "--finetune-epochs", "2", "--batch-size", "16",
-                            "--pretrain-batch-size", "8"])
+    r = runner.invoke(app, argv)  # the same command again
     assert r.exit_code == 0, r.output
     assert "flag-100: finished in an earlier run, kept" in r.output
     assert "rf-100: accuracy" in r.output and best.stat().st_mtime_ns == stamp
