@@ -426,6 +426,7 @@ def finetune(
     batch_size: int = 64,
     lr: float = 3e-4,
     label_fraction: Annotated[float, typer.Option(help="Use this share of the training labels (per class).")] = 1.0,
+    balance: Annotated[str, typer.Option(help="Class imbalance: weights (loss weighted per class, as flagd train does), sampler (class-balanced draws) or none.")] = "weights",
     seed: int = 0,
     packet_aware: Annotated[bool, typer.Option(help="With --no-pretrain: packet-aware input; --flat: the paper's.")] = True,
     outliers: Annotated[list[Path] | None, typer.Option(help="Foreign flows (datasets .npz built like TRAIN, or capture trees; labels unused) for outlier exposure.")] = None,
@@ -444,6 +445,8 @@ def finetune(
 
     if (init is None) != no_pretrain:
         raise fail("give --init CHECKPOINT, or --no-pretrain for the random-weights baseline", Exit.USAGE)
+    if balance not in ("weights", "sampler", "none"):
+        raise fail(f"--balance is weights, sampler or none, not {balance!r}", Exit.USAGE)
     phrases = _phrases(vocab)
     try:
         tr, va = Dataset.load(train), Dataset.load(val)
@@ -464,8 +467,8 @@ def finetune(
     o_ids, o_ctx = _model_input(phrases, foreign, max_len, aware) if foreign else (None, None)
     run_finetune(tr_ids, tr.labels, va_ids, va.labels, train_ctx=tr_ctx, val_ctx=va_ctx,
                  init=ckpt, cfg=cfg, labels=tr.classes, run_dir=out, epochs=epochs,
-                 batch_size=batch_size, lr=lr, vocab_sha256=phrases.sha256, seed=seed,
-                 outlier_ids=o_ids, outlier_ctx=o_ctx, outlier_weight=outlier_weight)
+                 batch_size=batch_size, lr=lr, balance=balance, vocab_sha256=phrases.sha256,
+                 seed=seed, outlier_ids=o_ids, outlier_ctx=o_ctx, outlier_weight=outlier_weight)
     best = torch.load(out / "best.pt", weights_only=True)
     bundle = save_bundle(out / "model", best, phrases, settings, max_len, metrics=best["metrics"])
     typer.echo(f"{bundle}: model bundle (use with --model)")

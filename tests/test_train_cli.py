@@ -185,9 +185,13 @@ def test_pretrain_then_finetune_commands_make_a_bundle(tmp_path):
     # built with another K is refused in one line
     r = runner.invoke(app, ["finetune", str(tmp_path / "train.npz"), str(tmp_path / "val.npz"),
                             "--vocab", str(vocab), "--init", str(tmp_path / "pre" / "best.pt"),
-                            "--epochs", "1", "-o", str(tmp_path / "oe"), "--outliers", str(tree)])
+                            "--epochs", "1", "-o", str(tmp_path / "oe"), "--outliers", str(tree),
+                            "--balance", "sampler"])
     assert r.exit_code == 0, r.output
-    assert json.loads((tmp_path / "oe" / "config.json").read_text())["train"]["n_outliers"] == len(d)
+    trained = json.loads((tmp_path / "oe" / "config.json").read_text())["train"]
+    assert trained["n_outliers"] == len(d) and trained["balance"] == "sampler"
+    # flagd train's class weighting unless told otherwise
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["train"]["balance"] == "weights"
     other = tmp_path / "k3.npz"
     assert runner.invoke(app, ["dataset", "build", str(tree), "-o", str(other), "--packets", "3"]).exit_code == 0
     r = runner.invoke(app, ["finetune", str(tmp_path / "train.npz"), str(tmp_path / "val.npz"),
