@@ -363,14 +363,13 @@ def _pretrained(run: Path, ids: np.ndarray, ctx: np.ndarray | None, rows: np.nda
     """The pre-trained checkpoint of one dictionary and input kind: trained once per mode,
     resumed if interrupted, reused by every label fraction."""
     if not (run / "wall_s").exists():  # not finished: start, or resume an interrupted run
-        t0 = time.monotonic()
         done = pretrain(ids[rows], ids[val], cfg, run, train_ctx=_rows(ctx, rows),
                         val_ctx=_rows(ctx, val), epochs=p.pretrain_epochs,
                         batch_size=p.pretrain_batch_size or p.batch_size, lr=p.pretrain_lr,
                         vocab_sha256=phrases.sha256, seed=p.seed, progress=progress, log=log,
                         resume=(run / "last.pt").exists())
         evaluate.write_json(done, run / "history.json")  # the validation curve a card prints
-        (run / "wall_s").write_text(f"{time.monotonic() - t0:.1f}")
+        (run / "wall_s").write_text(f"{done['seconds']:.1f}")  # every sitting's
     return torch.load(run / "best.pt", weights_only=True), float((run / "wall_s").read_text())
 
 

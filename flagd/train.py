@@ -430,6 +430,7 @@ def pretrain(
     opt = _optimizer(model, lr, weight_decay)
     step, best, history = 0, {"val_loss": math.inf, "val_acc": 0.0, "step": 0}, []
     loss_ema = math.nan
+    earlier_s = 0.0  # training time of earlier sittings, so a resumed run reports its whole cost
     last_path = run_dir / "last.pt"
     if resume and last_path.exists():
         ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
@@ -439,6 +440,7 @@ def pretrain(
         opt.load_state_dict(ckpt["optimizer"])
         step, best, history = ckpt["step"], ckpt["best"], ckpt["history"]
         loss_ema = ckpt["train_loss_ema"]
+        earlier_s = ckpt.get("seconds", 0.0)
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_json(settings, run_dir / "config.json")
@@ -468,6 +470,7 @@ def pretrain(
                 "best": best,
                 "history": history,
                 "train_loss_ema": loss_ema,
+                "seconds": earlier_s + time.perf_counter() - t0,
             },
             last_path,
         )
@@ -518,8 +521,8 @@ def pretrain(
         "best_val_loss": best["val_loss"],
         "best_val_acc": best["val_acc"],
         "best_step": best["step"],
-        "phrases_per_s": phrases / seconds if seconds > 0 else 0.0,
-        "seconds": seconds,
+        "phrases_per_s": phrases / seconds if seconds > 0 else 0.0,  # this sitting's rate
+        "seconds": earlier_s + seconds,  # every sitting's
         "weights_sha256": weights_sha256(model),
         "history": history,
     }

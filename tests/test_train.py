@@ -134,9 +134,14 @@ def test_pretrain_writes_run_and_resumes_exactly(tmp_path):
     part = tmp_path / "part"
     with pytest.raises(Interrupted, match="step 3/8"):
         pretrain(train, val, tiny(), part, steps=8, log=crash, **kw)
-    assert torch.load(part / "last.pt", weights_only=True)["step"] == 3
+    first = torch.load(part / "last.pt", weights_only=True)
+    assert first["step"] == 3 and first["seconds"] > 0
     resumed = pretrain(train, val, tiny(), part, steps=8, resume=True, **kw)
     assert resumed["step"] == 8
+    # the cost reported is both sittings', not the last one's
+    assert resumed["seconds"] > first["seconds"]
+    assert torch.load(part / "last.pt", weights_only=True)["seconds"] == pytest.approx(
+        resumed["seconds"], abs=0.5)
     a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
     b = torch.load(part / "last.pt", weights_only=True)
     for k in a["model"]:
