@@ -441,12 +441,13 @@ def finetune(
     from flagd.flows import FlowSettings
     from flagd.infer import save_bundle
     from flagd.model import ModelConfig
+    from flagd.train import BALANCES
     from flagd.train import finetune as run_finetune
 
     if (init is None) != no_pretrain:
         raise fail("give --init CHECKPOINT, or --no-pretrain for the random-weights baseline", Exit.USAGE)
-    if balance not in ("weights", "sampler", "none"):
-        raise fail(f"--balance is weights, sampler or none, not {balance!r}", Exit.USAGE)
+    if balance not in BALANCES:
+        raise fail(f"--balance is {', '.join(BALANCES)}, not {balance!r}", Exit.USAGE)
     phrases = _phrases(vocab)
     try:
         tr, va = Dataset.load(train), Dataset.load(val)

@@ -531,6 +531,8 @@ def pretrain(
 # ---------------------------------------------------------------------------------------------
 # Fine-tuning
 
+BALANCES = ("weights", "sampler", "none")  # class-imbalance handling finetune() knows
+
 
 @torch.no_grad()
 def evaluate_classifier(
@@ -617,7 +619,7 @@ def finetune(
     times their cross-entropy to the uniform distribution (outlier exposure, Hendrycks et al.
     2019), teaching the classifier a low, flat softmax for traffic that is none of its classes.
     """
-    if balance not in ("none", "weights", "sampler"):
+    if balance not in BALANCES:
         raise ValueError(f"balance must be none, weights or sampler, not {balance!r}")
     if init is not None:
         base = cfg or ModelConfig.from_dict(init["config"])
