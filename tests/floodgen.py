@@ -15,8 +15,11 @@ Kinds of flood:
 `real_packets` packets with payload, alternating direction. By default their packets are close
 together in the capture, so LRU eviction by the flood does not reach them; with `real_gap`, that
 many new flood flows pass between two packets of a real flow (more than the table holds: only the
-eviction order can keep them whole), and the real flows run interleaved. Their client address is
-192.0.2.x (TEST-NET-1) so tests can pick them out of the events.
+eviction order can keep them whole), and the real flows run interleaved.
+
+Every address is in the documentation ranges (RFC 5737), as the live tests send these frames on
+veth pairs: flood sources in 198.51.100.0/24, flood destinations in 203.0.113.0/25 and real
+clients in 203.0.113.128/25, so tests can pick the real flows out of the events.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ PAYLOAD = 16
 T0 = 1_700_000_000.0
 SYN_SERVER = (203, 0, 113, 10)
 REAL_SERVER = (203, 0, 113, 80)
-REAL_CLIENT_NET = (192, 0, 2)  # real flow i's client is 192.0.2.(i % 250 + 1), port 20000 + i
+FLOOD_NET = (198, 51, 100)  # flood sources: 198.51.100.16-255 (clear of tests/netns.py's /30)
+FLOOD_HOSTS = 240
+REAL_CLIENT_NET = (203, 0, 113)  # real flow i's client is 203.0.113.(128 + i % 120), port 20000 + i
 
 _REC = np.dtype(
     [("sec", "<u4"), ("usec", "<u4"), ("caplen", "<u4"), ("len", "<u4"), ("frame", "u1", FRAME)]
@@ -90,9 +95,10 @@ def flood_records(kind: str, n_flows: int, seed: int = 0, first: int = 0) -> np.
     rec = _frames(n_flows)
     f = rec["frame"]
     i = np.arange(first, first + n_flows, dtype=np.int64)
-    # Distinct flows by construction: flow i's source is 10.0.0.0 + i (16M before it wraps).
-    src = (10 << 24) + (i % (1 << 24))
-    sport = 1024 + (i * 7919) % 64000
+    # Distinct flows by construction: flow i's (source, source port) is unique for the first
+    # 240 x 64,000 = 15.4M flows (host i % 240, port from i // 240).
+    src = int.from_bytes(bytes((*FLOOD_NET, 16)), "big") + i % FLOOD_HOSTS
+    sport = 1024 + (i // FLOOD_HOSTS) % 64000
     if kind == "syn":
         proto = np.full(n_flows, 6, np.int64)
         flags = np.full(n_flows, 0x02, np.int64)
@@ -103,10 +109,8 @@ def flood_records(kind: str, n_flows: int, seed: int = 0, first: int = 0) -> np.
         proto = np.where(rng.random(n_flows) < 0.5, 6, 17)
         flags = np.full(n_flows, 0x18, np.int64)  # PSH ACK
         payload = np.full(n_flows, PAYLOAD, np.int64)
-        dst = rng.integers(0x0B000000, 0xDF000000, n_flows)  # 11.0.0.0 - 222.255.255.255
+        dst = int.from_bytes(bytes((*REAL_CLIENT_NET, 0)), "big") + rng.integers(0, 128, n_flows)
         dport = rng.integers(1, 65536, n_flows)
-        sport = rng.integers(1024, 65536, n_flows)
-        src = src + (rng.integers(0, 64, n_flows) << 24)  # 10-73.x.x.x, still distinct
     else:
         raise ValueError(f"unknown flood kind {kind!r}")
     _put_ip(f, 26, src)
@@ -125,7 +129,7 @@ def real_records(n_flows: int, packets: int, proto: int = 6) -> np.ndarray:
     f = rec["frame"]
     flow = np.repeat(np.arange(n_flows, dtype=np.int64), packets)
     k = np.tile(np.arange(packets, dtype=np.int64), n_flows)
-    client = int.from_bytes(bytes((*REAL_CLIENT_NET, 0)), "big") + flow % 250 + 1
+    client = int.from_bytes(bytes((*REAL_CLIENT_NET, 128)), "big") + flow % 120
     server = int.from_bytes(bytes(REAL_SERVER), "big")
     cport = 20000 + flow
     to_server = k % 2 == 0
@@ -203,7 +207,7 @@ def write_flood(
 
 def real_key(i: int) -> tuple[str, int, str, int]:
     """(src_ip, src_port, dest_ip, dest_port) of real flow i as events name it."""
-    return (f"{REAL_CLIENT_NET[0]}.{REAL_CLIENT_NET[1]}.{REAL_CLIENT_NET[2]}.{i % 250 + 1}",
+    return (f"{REAL_CLIENT_NET[0]}.{REAL_CLIENT_NET[1]}.{REAL_CLIENT_NET[2]}.{128 + i % 120}",
             20000 + i, ".".join(map(str, REAL_SERVER)), 443)
 
 

@@ -151,7 +151,7 @@ def test_vlan_tags_the_kernel_takes_out_are_put_back(pair: VethPair, ring: bool)
     with open_capture(pair.a.ifname, ring=ring) as cap:
         pair.run(pair.b, [sys.executable, "-c", _SEND_FRAMES, pair.b.ifname, *(f.hex() for f in sent)])
         frames = cap.drain()
-    got = [bytes(frames.data[o:o + n]) for o, n in zip(frames.offset, frames.caplen)]
+    got = [bytes(frames.data[o:o + n]) for o, n in zip(frames.offset, frames.caplen, strict=True)]
     assert got == sent and (frames.wirelen == [len(f) for f in sent]).all()
     p = decode(frames)
     keys, _ = flow_keys(p, np.arange(len(sent)))

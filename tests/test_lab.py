@@ -42,7 +42,14 @@ from flagd.lab.record import (
     validate,
     write_pcap,
 )
-from flagd.lab.topology import SERVER_ADDR, build_lab, is_lab_address, lab_namespaces, reap_stale
+from flagd.lab.topology import (
+    SERVER_ADDR,
+    SERVER_NET,
+    build_lab,
+    is_lab_address,
+    lab_namespaces,
+    reap_stale,
+)
 from flagd.lab.tunnel import Ipsec, OpenVpn, WireGuard
 from flagd.packets import decode
 from flagd.pcapfile import read_capture
@@ -51,7 +58,7 @@ from tests import crafted
 ROOT = Path(__file__).resolve().parents[1]
 why_no_netns = topology.netns_unavailable()
 netns = pytest.mark.skipif(why_no_netns is not None, reason=why_no_netns or "")
-DOC_NETS = [ipaddress.ip_network(n) for n in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24")]
+DOC_NETS = [ipaddress.ip_network(n) for n in ("198.51.100.0/24", "203.0.113.0/24")]
 
 
 def own_namespaces() -> list[str]:
@@ -150,7 +157,7 @@ def test_topology_addresses_routes_and_reachability():
             for dst, _gw in topology.routes(ns):
                 assert dst != "0.0.0.0/0", f"default route in {ns}"
         assert topology.addresses(lab.server) == [SERVER_ADDR]
-        assert {c.addr for c in lab.clients} == {"192.0.2.2", "192.0.2.6"}
+        assert {c.addr for c in lab.clients} == {"203.0.113.130", "203.0.113.134"}
         assert lab.offloads_off == (shutil.which("ethtool") is not None)
         # a VPN session's isolation takes the server's only way back to that client away
         with lab.isolate(lab.clients[1]):
@@ -427,7 +434,7 @@ def test_vpn_sessions_show_only_the_tunnel(tmp_path, stand_in, tunnel):
     assert all(s["valid"] and s["class"] == "vpn-test-echo" for s in vpn), vpn
     for s in vpn:
         (flow,) = s["flows"]  # one tunnel flow: the handshake and the session inside it
-        assert flow["proto"] == 17 and flow["dport"] == tunnel.port and flow["dst"] == "192.0.2.1"
+        assert flow["proto"] == 17 and flow["dport"] == tunnel.port and flow["dst"] == "203.0.113.129"
         assert flow["sport"] == s["params"]["tunnel_port"]
         frames = list(read_capture(tmp_path / s["pcap"]))
         pk = decode(frames[0])
@@ -493,7 +500,7 @@ class LinkProbe(EchoTls):
         run = ctx.lab.run
         link = run(client.ns, ["ip", "-o", "link", "show", "dev", client.ifname]).stdout
         qdisc = run(client.ns, ["tc", "qdisc", "show", "dev", client.ifname]).stdout
-        route = run(client.ns, ["ip", "route", "show", "exact", "203.0.113.0/24"]).stdout
+        route = run(client.ns, ["ip", "route", "show", "exact", str(SERVER_NET)]).stdout
         back = run(ctx.lab.server, ["ip", "route", "show", "exact", client.subnet]).stdout
         with open(self.seen, "a") as fh:
             fh.write(json.dumps({"tag": params["tag"], "link": link, "qdisc": qdisc,
@@ -517,7 +524,7 @@ def test_each_session_runs_under_its_own_conditions(tmp_path, monkeypatch, stand
         real_reset(lab, client, rate_mbit)
         after[client.index] = (
             lab.run(client.ns, ["ip", "-o", "link", "show", "dev", client.ifname]).stdout,
-            lab.run(client.ns, ["ip", "route", "show", "exact", "203.0.113.0/24"]).stdout,
+            lab.run(client.ns, ["ip", "route", "show", "exact", str(SERVER_NET)]).stdout,
             lab.run(lab.server, ["ip", "route", "show", "exact", client.subnet]).stdout,
         )
 
@@ -649,7 +656,7 @@ def test_unknown_class_and_unbuilt_tunnel_are_errors(tmp_path):
 
 
 def frames_of(
-    payloads: list[bytes], src: str = "192.0.2.2", dst: str = "203.0.113.2", sport: int = 40000
+    payloads: list[bytes], src: str = "203.0.113.130", dst: str = "203.0.113.2", sport: int = 40000
 ) -> Frames:
     from scapy.layers.inet import IP, TCP
     from scapy.packet import Raw
@@ -682,9 +689,9 @@ def test_validation_rejects_bad_sessions():
     assert "does not look encrypted" in validate(0, session_stats(plain))
     few = frames_of(random_payloads(4))
     assert "only 4 packets" in validate(0, session_stats(few))
-    other = session_stats(frames_of(random_payloads(20), src="192.0.2.6"))
-    assert validate(0, other, client="192.0.2.6") is None
-    assert "client's address 192.0.2.2" in validate(0, other, client="192.0.2.2")
+    other = session_stats(frames_of(random_payloads(20), src="203.0.113.134"))
+    assert validate(0, other, client="203.0.113.134") is None
+    assert "client's address 203.0.113.130" in validate(0, other, client="203.0.113.130")
     outside = frames_of(random_payloads(20), dst="8.8.8.8")
     assert "outside the lab's ranges: 8.8.8.8" in validate(0, session_stats(outside))
     tiny = frames_of([b"\x17"] * 20)
@@ -707,7 +714,7 @@ def test_session_flows_are_the_flow_meters():
     v6 = [
         crafted.ether(IPv6(src="2001:db8::1", dst="2001:db8::2") / UDP(sport=5000, dport=6000) / Raw(b"x" * 50))
     ]
-    arp_like = [crafted.ether(IP(src="192.0.2.2", dst="203.0.113.2", proto=50) / Raw(b"esp" * 20))]
+    arp_like = [crafted.ether(IP(src="203.0.113.130", dst="203.0.113.2", proto=50) / Raw(b"esp" * 20))]
     extra = Frames.from_records(
         [(2000.0 + k, f, len(f), 1) for k, f in enumerate([*v6, *arp_like])]
     )
@@ -718,7 +725,7 @@ def test_session_flows_are_the_flow_meters():
     assert len(stats.flows) == len(set(keys)) == 3
     a, b, c = stats.flows
     assert (a.sport, a.packets, b.sport, b.packets) == (40001, 6, 40000, 4)
-    assert (a.src, a.dst, a.dport) == ("192.0.2.2", "203.0.113.2", 443)
+    assert (a.src, a.dst, a.dport) == ("203.0.113.130", "203.0.113.2", 443)
     assert (c.proto, c.src, c.dst, c.sport, c.packets, c.payload) == (
         17, "2001:db8::1", "2001:db8::2", 5000, 1, 50
     )
@@ -733,7 +740,7 @@ def test_the_tail_of_an_earlier_sessions_connection_is_not_written():
     still writing to a client that quit): recorded as such, left out of the written capture."""
     from scapy.layers.inet import IP, TCP
 
-    syn = crafted.ether(IP(src="192.0.2.2", dst="203.0.113.2") / TCP(sport=40001, dport=443, flags="S"))
+    syn = crafted.ether(IP(src="203.0.113.130", dst="203.0.113.2") / TCP(sport=40001, dport=443, flags="S"))
     fresh = Frames.concat(
         [Frames.from_records([(999.0, syn, len(syn), 1)]), frames_of(random_payloads(6), sport=40001)]
     )
@@ -875,14 +882,14 @@ def test_second_apps_listen_on_tls_only(app, service):
 def test_linphone_config_names_nothing_outside_the_lab():
     """No account, STUN or provisioning server; media bound to the client's address; SRTP
     mandatory; exactly the drawn codec configured."""
-    client = topology.Client(0, "ns", "192.0.2.2", "192.0.2.1")
+    client = topology.Client(0, "ns", "203.0.113.130", "203.0.113.129")
     ctx = SimpleNamespace(pki=SimpleNamespace(ca=Path("/run/lab/pki/ca.pem")))
     params = apps.Linphone().params(random.Random(0), 6)
     text = voip._linphone_config(ctx, client, params)  # type: ignore[arg-type]
     addresses = re.findall(r"\d+\.\d+\.\d+\.\d+", text)
     assert addresses and all(is_lab_address(a) for a in addresses)
     assert not re.search(r"linphone\.org|stun|turn|proxy|uri|url", text, re.IGNORECASE)
-    assert "bind_address=192.0.2.2" in text and "media_encryption_mandatory=1" in text
+    assert "bind_address=203.0.113.130" in text and "media_encryption_mandatory=1" in text
     assert f"srtp_crypto_suites={params['srtp_suite']}" in text
     assert text.count("[audio_codec_") == 1
 

@@ -13,6 +13,8 @@ from typing import Annotated
 
 import typer
 
+from flagd.lab.topology import MAX_CLIENTS
+
 lab_app = typer.Typer(
     no_args_is_help=True, help="Generate labelled captures of real applications in namespaces."
 )
@@ -127,7 +129,7 @@ def generate(
     clients: Annotated[
         int,
         typer.Option(
-            "--clients", min=1, max=64, help="Client namespaces running sessions at once."
+            "--clients", min=1, max=MAX_CLIENTS, help="Client namespaces running sessions at once."
         ),
     ] = 1,
     random_ports: Annotated[

@@ -1,12 +1,12 @@
 """The lab's network: client, router and server namespaces joined by veth pairs, and their teardown.
 
-Layout (every address from the RFC 5737 documentation ranges, which are never routed anywhere):
+Layout (every address from two RFC 5737 documentation ranges, which are never routed anywhere):
 
-    client k  "out" 192.0.2.(4k+2)/30  <->  "c<k>" 192.0.2.(4k+1)/30  router
-    router    "srv" 203.0.113.1/24     <->  "in"  203.0.113.2/24      server
-    tunnels (VPN modes)                       198.51.100.0/24
+    client k  "out" 203.0.113.(128+4k+2)/30  <->  "c<k>" 203.0.113.(128+4k+1)/30  router
+    router    "srv" 203.0.113.1/25           <->  "in"  203.0.113.2/25            server
+    tunnels (VPN modes)                             198.51.100.0/24
 
-Clients route 203.0.113.0/24 via the router, the server routes each client's /30 (and the
+Clients route the server's 203.0.113.0/25 via the router, the server routes each client's /30 (and the
 tunnel range) via the router, and the router forwards. There is no default route and no NAT anywhere, and nothing is created in the
 caller's own namespace (veth pairs are made inside the router's namespace with the peer put
 straight into its neighbour's), so no lab packet can reach a real interface. The capture point is
@@ -38,9 +38,9 @@ from pathlib import Path
 
 PREFIX = "flagdlab"
 NETNS_DIR = Path("/run/netns")
-CLIENT_NET = ipaddress.ip_network("192.0.2.0/24")  # TEST-NET-1: client links, one /30 each
+CLIENT_NET = ipaddress.ip_network("203.0.113.128/25")  # TEST-NET-3's upper half: client links, a /30 each
 TUNNEL_NET = ipaddress.ip_network("198.51.100.0/24")  # TEST-NET-2: VPN tunnel addresses
-SERVER_NET = ipaddress.ip_network("203.0.113.0/24")  # TEST-NET-3: the server link
+SERVER_NET = ipaddress.ip_network("203.0.113.0/25")  # TEST-NET-3's lower half: the server link
 LAB_NETS = (CLIENT_NET, TUNNEL_NET, SERVER_NET)
 ROUTER_SERVER_ADDR = "203.0.113.1"
 SERVER_ADDR = "203.0.113.2"
