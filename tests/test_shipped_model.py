@@ -13,6 +13,7 @@ from flagd.evaluate import metrics as score
 from flagd.infer import Bundle, default_model
 from flagd.labels import CLASSES_12
 
+ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = Path(__file__).parent / "data" / "lab-tls.pcap"
 
 
@@ -20,7 +21,7 @@ def test_shipped_model_loads_with_its_twelve_classes():
     bundle = Bundle.load(default_model())
     assert bundle.name == "iscx-vpn2016"
     assert sorted(bundle.labels) == sorted(CLASSES_12)
-    assert bundle.settings.ready_packets == 5
+    assert bundle.settings.ready_packets == 5 and bundle.max_len == 64  # the input sweep's choice
     size = sum(f.stat().st_size for f in default_model().iterdir())
     assert size < 25e6
     metrics = json.loads((default_model() / "metrics.json").read_text())
@@ -55,7 +56,24 @@ def test_replay_with_the_default_model_classifies_every_flow(tmp_path):
         assert f["flag"]["label"] == c["flag"]["label"]
 
 
-LAB12 = Path(__file__).resolve().parents[1] / "models" / "lab12"
+def test_committed_pretraining_checkpoint_resumes_the_shipped_model():
+    """checkpoints/iscx-vpn2016-pretrain.pt is what `flagd train` resumes pre-training from (the
+    card says how): the shipped model's encoder config and phrase dictionary, loadable weights,
+    optimizer state and the curve up to its step."""
+    import torch
+
+    from flagd.model import FlagEncoder, ModelConfig
+
+    ckpt = torch.load(ROOT / "checkpoints" / "iscx-vpn2016-pretrain.pt", weights_only=True)
+    bundle = Bundle.load(default_model())
+    assert ckpt["vocab_sha256"] == bundle.phrases.sha256
+    cfg = ModelConfig.from_dict(ckpt["config"])
+    assert cfg.to_dict() == {**bundle.model.cfg.to_dict(), "n_classes": 0}
+    FlagEncoder(cfg).load_state_dict(ckpt["model"])  # strict: every weight, nothing else
+    assert ckpt["optimizer"]["state"] and ckpt["history"][-1]["step"] == ckpt["step"] > 0
+
+
+LAB12 = ROOT / "models" / "lab12"
 
 
 def test_lab12_model_loads_with_the_settings_it_was_trained_with():
