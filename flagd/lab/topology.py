@@ -6,11 +6,12 @@ Layout (every address from two RFC 5737 documentation ranges, which are never ro
     router    "srv" 203.0.113.1/25           <->  "in"  203.0.113.2/25            server
     tunnels (VPN modes)                             198.51.100.0/24
 
-Clients route the server's 203.0.113.0/25 via the router, the server routes each client's /30 (and the
-tunnel range) via the router, and the router forwards. There is no default route and no NAT anywhere, and nothing is created in the
-caller's own namespace (veth pairs are made inside the router's namespace with the peer put
-straight into its neighbour's), so no lab packet can reach a real interface. The capture point is
-each client's "out" link: what a sensor upstream of that host would see.
+Clients route the server's 203.0.113.0/25 via the router, the server routes each client's /30
+(and the tunnel range) via the router, and the router forwards. There is no default route and no
+NAT anywhere, and nothing is created in the caller's own namespace (veth pairs are made inside
+the router's namespace with the peer put straight into its neighbour's), so no lab packet can
+reach a real interface. The capture point is each client's "out" link: what a sensor upstream of
+that host would see.
 
 Segmentation offloads are turned off on every lab interface (otherwise a capture holds 64 KiB
 GSO super-frames instead of wire-sized segments) and IPv6 is disabled (no ND/MLD chatter).
