@@ -602,6 +602,18 @@ def test_summary_figures():
     assert summarize(sessions, clients=2)["x"]["flows_per_minute"] == 4.0
 
 
+def test_generate_refuses_more_clients_than_the_address_plan_holds(tmp_path):
+    """A usage error before anything runs, naming the bound; --help states the same bound."""
+    res = CliRunner().invoke(
+        lab_app, ["generate", "--out", str(tmp_path / "run"), "--clients", str(topology.MAX_CLIENTS + 1)]
+    )
+    assert res.exit_code == Exit.USAGE and f"at most {topology.MAX_CLIENTS}" in res.output
+    assert not (tmp_path / "run").exists()
+    rendered = CliRunner().invoke(lab_app, ["generate", "--help"]).output.replace("│", " ")
+    help_text = " ".join(rendered.split())  # rich boxes and wraps the help; unwrap it
+    assert f"(at most {topology.MAX_CLIENTS})" in help_text
+
+
 # -- doctor and missing programs -----------------------------------------------------------------
 
 
