@@ -22,14 +22,7 @@ import numpy as np
 
 from flagd.dataset import Dataset
 from flagd.evaluate import metrics
-from flagd.experiment import (
-    LOIO_HELD_OUT,
-    RF_TREES,
-    condition_bins,
-    implementation,
-    lab_sessions,
-    rf_features,
-)
+from flagd.experiment import RF_TREES, held_out_condition, implementation, lab_sessions, rf_features
 
 
 def side_channels(sides: list[list[tuple[int, int, float]]], k: int, relative: bool) -> np.ndarray:
@@ -59,8 +52,7 @@ def novelty(ds: Dataset, split: dict[str, np.ndarray]) -> np.ndarray:
     out = []
     for i in split["test"]:
         new_impl = (int(ds.labels[i]), implementation(rec[ds.source[i]])) not in seen
-        bins = condition_bins(rec[ds.source[i]])
-        new_cond = any(bins[d] == b for d, b in LOIO_HELD_OUT.items())
+        new_cond = held_out_condition(rec[ds.source[i]])
         out.append({(True, False): "implementation", (False, True): "condition",
                     (True, True): "both", (False, False): "neither"}[(new_impl, new_cond)])
     return np.array(out)

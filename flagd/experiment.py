@@ -154,6 +154,12 @@ def condition_bins(record: dict) -> dict[str, str]:
     return bins | {"congestion": cond["congestion"]}
 
 
+def held_out_condition(record: dict) -> bool:
+    """True for a lab session in one of the LOIO_HELD_OUT condition bins (loio puts it in test)."""
+    bins = condition_bins(record)
+    return any(bins[k] == v for k, v in LOIO_HELD_OUT.items())
+
+
 def implementation(record: dict) -> str:
     """What a class's flows are made by: the tunnel for vpn-* (the inner apps are the plain
     classes'), else the client app."""
@@ -175,8 +181,7 @@ def split_loio(ds: Dataset, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     records = lab_sessions(ds)
     impl = np.array([implementation(records[s]) for s in range(len(records))])[ds.source]
-    held_bin = np.array([any(condition_bins(r)[k] == v for k, v in LOIO_HELD_OUT.items())
-                         for r in records])[ds.source]
+    held_bin = np.array([held_out_condition(r) for r in records])[ds.source]
     test = held_bin.copy()
     for c in range(len(ds.classes)):
         rows = ds.labels == c
