@@ -431,8 +431,11 @@ def finetune(
     packet_aware: Annotated[bool, typer.Option(help="With --no-pretrain: packet-aware input; --flat: the paper's.")] = True,
     outliers: Annotated[list[Path] | None, typer.Option(help="Foreign flows (datasets .npz built like TRAIN, or capture trees; labels unused) for outlier exposure.")] = None,
     outlier_weight: Annotated[float, typer.Option(min=0.0, help="Weight of the outlier-exposure loss.")] = 0.5,
+    layers: Annotated[int, typer.Option(min=0, help="With --init: fine-tune only its first N layers (a faster model) [default: all].")] = 0,
 ) -> None:
     """Fine-tune a classifier on [CLS]; keeps the epoch with the best validation macro-F1."""
+    from dataclasses import replace
+
     import numpy as np
     import torch
 
@@ -459,6 +462,11 @@ def finetune(
     tr = tr.subset(subsample(np.arange(len(tr)), tr.labels, label_fraction, seed))
     cfg = None if ckpt else ModelConfig.preset(preset, vocab_size=phrases.vocab_size,
                                                max_len=max_len, packet_aware=packet_aware)
+    if layers and ckpt:
+        depth = ckpt["config"]["n_layer"]
+        if layers > depth:
+            raise fail(f"--layers {layers}: {init} has {depth} layers", Exit.USAGE)
+        cfg = replace(ModelConfig.from_dict(ckpt["config"]), n_layer=layers)
     max_len = ckpt["config"]["max_len"] if ckpt else max_len
     aware = ckpt["config"].get("packet_aware", False) if ckpt else packet_aware
     settings = FlowSettings.from_dict(tr.settings)
@@ -657,7 +665,7 @@ def train(
     pretrain_batch_size: Annotated[int | None, typer.Option(help="Pre-training batch [default: --batch-size].")] = None,
     pretrain_lr: float = 5e-4,
     finetune_lr: float = 3e-4,
-    variant: Annotated[list[str] | None, typer.Option(help="flag, flag-flat, no-pretrain, bytes-only and/or rf [default: all].")] = None,
+    variant: Annotated[list[str] | None, typer.Option(help="flag, flag-flat, flag-shallow, no-pretrain, bytes-only and/or rf [default: all].")] = None,
     mode: Annotated[list[str] | None, typer.Option(help="paper, honest, product and/or loio (leave one implementation out: lab runs only, masks as honest) [default: paper and honest].")] = None,
     labels: LabelsOpt = "dir",
     packets: Annotated[int, typer.Option(min=1, help="K: relevant packets per flow the model sees.")] = 5,
@@ -666,6 +674,7 @@ def train(
     unlabelled: Annotated[list[Path] | None, typer.Option(help="Extra captures or trees for pre-training only (labels unused).")] = None,
     outliers: Annotated[list[Path] | None, typer.Option(help="Foreign captures or trees (none of the classes) for outlier exposure while fine-tuning.")] = None,
     outlier_weight: Annotated[float, typer.Option(min=0.0, help="Weight of the outlier-exposure loss.")] = 0.5,
+    shallow_layers: Annotated[int, typer.Option(min=0, help="flag-shallow: fine-tune the first N pre-trained layers [default: one fewer than the preset].")] = 0,
     seed: int = 0,
 ) -> None:
     """The paper's protocol (40% unlabelled, 60% labelled 6:2:2; all and 10% of labels) with
@@ -693,7 +702,8 @@ def train(
                      finetune_lr=finetune_lr, modes=tuple(mode or ("paper", "honest")),
                      variants=tuple(variant or VARIANTS), packet_aware=packet_aware,
                      unlabelled=tuple(map(str, unlabelled or ())),
-                     outliers=tuple(map(str, outliers or ())), outlier_weight=outlier_weight)
+                     outliers=tuple(map(str, outliers or ())), outlier_weight=outlier_weight,
+                     shallow_layers=shallow_layers)
     try:
         proto.flow_settings(honest=True)  # bad K or B: one line now, not a traceback later
     except ValueError as e:

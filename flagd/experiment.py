@@ -5,7 +5,9 @@ Paper protocol (section 4): all flows of a class-per-directory tree, split at ra
 and test. FLAG is pre-trained (on the unlabelled 40% plus the train flows, without labels) and
 fine-tuned with all train labels and with 10% of them. On the same splits: the same model
 without pre-training, FLAG with the bytes-only dictionary (Fig. 2's ablation), FLAG with the
-paper's flat input where the others are packet-aware (flagd.inputs), and the strongest simple
+paper's flat input where the others are packet-aware (flagd.inputs), a shallower FLAG that
+fine-tunes only the first pre-trained layers (flag-shallow: faster live inference, same
+pre-training), and the strongest simple
 baseline, a random forest on the first RF_BYTES bytes of each of the first K packets.
 
 Product mode: what a shipped model is trained on. Every labelled flow but a test split: 80/10/10
@@ -24,7 +26,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +45,7 @@ from flagd.train import finetune, pretrain
 SHARES = (0.40, 0.36, 0.12, 0.12)  # unlabelled, train, validation, test (60% split 6:2:2)
 PRODUCT_SHARES = (0.0, 0.80, 0.10, 0.10)  # every label used; test held out
 SPLITS = ("unlabelled", "train", "val", "test")
-VARIANTS = ("flag", "flag-flat", "no-pretrain", "bytes-only", "rf")
+VARIANTS = ("flag", "flag-flat", "flag-shallow", "no-pretrain", "bytes-only", "rf")
 RF_BYTES = 64  # the random forest's bytes per packet
 RF_TREES = 300
 
@@ -69,6 +71,7 @@ class Protocol:
     unlabelled: tuple[str, ...] = ()  # extra captures for pre-training only (labels unused)
     outliers: tuple[str, ...] = ()  # foreign captures for outlier exposure in fine-tuning
     outlier_weight: float = 0.5
+    shallow_layers: int = 0  # flag-shallow's encoder blocks; 0: one fewer than the preset's
     seed: int = 0
     overrides: dict = field(default_factory=dict)  # extra ModelConfig fields (tests: smaller)
 
@@ -323,11 +326,17 @@ def run_mode(ds: Dataset, mode: str, p: Protocol, out: Path, extra: Dataset | No
             cfg = ModelConfig.preset(p.preset, vocab_size=phrases.vocab_size, max_len=p.max_len,
                                      packet_aware=aware, **p.overrides)
             init, pre_wall = None, 0.0
+            tuned_cfg = cfg
+            if variant == "flag-shallow":
+                tuned_cfg = replace(cfg, n_layer=p.shallow_layers or cfg.n_layer - 1)
+                if not 0 < tuned_cfg.n_layer <= cfg.n_layer:
+                    raise ValueError(f"flag-shallow needs 1 to {cfg.n_layer} layers, not "
+                                     f"{tuned_cfg.n_layer}")
             if variant != "no-pretrain":
                 init, pre_wall = _pretrained(out / mode / f"pretrain-{key}{'' if aware else '-flat'}",
                                              ids, ctx, pre_rows, split["val"], cfg, phrases, p,
                                              log, progress)
-            tuned = finetune(ids[tr], ds.labels[tr], ids[va], ds.labels[va], init=init, cfg=cfg,
+            tuned = finetune(ids[tr], ds.labels[tr], ids[va], ds.labels[va], init=init, cfg=tuned_cfg,
                              train_ctx=_rows(ctx, tr), val_ctx=_rows(ctx, va),
                              labels=ds.classes, run_dir=run, epochs=p.finetune_epochs,
                              batch_size=p.batch_size, lr=p.finetune_lr, balance=p.balance,
@@ -345,7 +354,7 @@ def run_mode(ds: Dataset, mode: str, p: Protocol, out: Path, extra: Dataset | No
             rows.append(evaluate.compare_row(f"{mode}: {variant}", report, labels=frac,
                                              wall_s=wall, model_params=n_params)
                         | {"val_macro_f1": tuned["best_val_macro_f1"]})  # what a sweep picks on
-            if variant == "flag" and frac == 1.0:  # the model to ship: a bundle for --model
+            if variant in ("flag", "flag-shallow") and frac == 1.0:  # models to ship: bundles
                 export(run, phrases, ds, p, report, te)
             _finish(log, mode, run, rows[-1], report)
     return rows

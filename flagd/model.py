@@ -292,13 +292,21 @@ class FlagEncoder(nn.Module):
 
     def load_pretrained(self, state: dict[str, torch.Tensor]) -> None:
         """Load a pre-trained encoder (+ masked-phrase head) and keep this model's fresh
-        classification head; anything else missing or unexpected is an error."""
+        classification head; anything else missing or unexpected is an error. A model with
+        fewer layers than the checkpoint takes its first n_layer blocks: a shallower, faster
+        student starts from the pre-trained lower layers rather than from random weights."""
         heads = ("pooler.", "classifier.")
-        own = {k: v for k, v in state.items() if not k.startswith(heads)}
+        deeper = tuple(f"blocks.{i}." for i in range(self.cfg.n_layer, _depth(state)))
+        own = {k: v for k, v in state.items() if not k.startswith(heads + deeper)}
         missing, unexpected = self.load_state_dict(own, strict=False)
         missing = [k for k in missing if not k.startswith(heads)]
         if missing or unexpected:
             raise ValueError(f"checkpoint does not fit: missing {missing}, unexpected {unexpected}")
+
+
+def _depth(state: dict[str, torch.Tensor]) -> int:
+    """The number of encoder blocks a state dict holds."""
+    return 1 + max((int(k.split(".")[1]) for k in state if k.startswith("blocks.")), default=-1)
 
 
 # ---------------------------------------------------------------------------------------------

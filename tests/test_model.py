@@ -230,6 +230,11 @@ def test_load_pretrained_keeps_fresh_head_and_rejects_misfits():
         FlagEncoder(tiny(n_embd=128)).load_pretrained(pre.state_dict())
     with pytest.raises(ValueError, match="missing"):
         FlagEncoder(tiny(n_layer=3)).load_pretrained(pre.state_dict())
+    # a shallower model takes the first blocks (flag-shallow), and only those
+    shallow = FlagEncoder(tiny(n_layer=1, n_classes=5))
+    shallow.load_pretrained(pre.state_dict())
+    assert torch.equal(shallow.blocks[0].mlp.fc.weight, pre.blocks[0].mlp.fc.weight)
+    assert torch.equal(shallow.ln_f.weight, pre.ln_f.weight) and len(shallow.blocks) == 1
 
 
 def _trained_classifier() -> tuple[FlagEncoder, torch.Tensor, torch.Tensor]:

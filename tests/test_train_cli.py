@@ -67,7 +67,7 @@ def test_train_runs_the_protocol_and_writes_reports(trained):
     report = json.loads((out / "report.json").read_text())
     names = {(row["name"], row["labels"]) for row in report["rows"]}
     for mode in ("paper", "honest"):
-        for variant in ("flag", "flag-flat", "no-pretrain", "bytes-only", "rf"):
+        for variant in ("flag", "flag-flat", "flag-shallow", "no-pretrain", "bytes-only", "rf"):
             for frac in (1.0, 0.1):
                 assert (f"{mode}: {'random forest' if variant == 'rf' else variant}", frac) in names
                 run_report = json.loads((out / mode / f"{variant}-{int(frac * 100)}" / "report.json").read_text())
@@ -83,6 +83,11 @@ def test_train_runs_the_protocol_and_writes_reports(trained):
     flat = json.loads((out / "paper" / "flag-flat-100" / "config.json").read_text())
     aware = json.loads((out / "paper" / "flag-100" / "config.json").read_text())
     assert not flat["model"]["packet_aware"] and aware["model"]["packet_aware"]
+    # flag-shallow: one layer fewer, from the same pre-training, and a bundle of its own
+    shallow = json.loads((out / "paper" / "flag-shallow-100" / "config.json").read_text())
+    assert shallow["model"]["n_layer"] == aware["model"]["n_layer"] - 1
+    assert shallow["train"]["pretrained"]
+    assert (out / "paper" / "flag-shallow-100" / "model" / "bundle.json").exists()
 
 
 def test_product_mode_pretrains_on_extra_captures_and_records_its_test_flows(tmp_path):
@@ -178,6 +183,16 @@ def test_pretrain_then_finetune_commands_make_a_bundle(tmp_path):
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["evaluate", str(tmp_path / "ft" / "model"), str(tmp_path / "val.npz")])
     assert r.exit_code == 0, r.output
+    # --layers: only the first pre-trained layers; more than the checkpoint has is refused
+    r = runner.invoke(app, ["finetune", str(tmp_path / "train.npz"), str(tmp_path / "val.npz"),
+                            "--vocab", str(vocab), "--init", str(tmp_path / "pre" / "best.pt"),
+                            "--epochs", "1", "--layers", "1", "-o", str(tmp_path / "ft1")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "ft1" / "config.json").read_text())["model"]["n_layer"] == 1
+    r = runner.invoke(app, ["finetune", str(tmp_path / "train.npz"), str(tmp_path / "val.npz"),
+                            "--vocab", str(vocab), "--init", str(tmp_path / "pre" / "best.pt"),
+                            "--layers", "3", "-o", str(tmp_path / "ft3")])
+    assert r.exit_code == 2 and "has 2 layers" in r.output, r.output
     r = runner.invoke(app, ["finetune", str(tmp_path / "train.npz"), str(tmp_path / "val.npz"),
                             "--vocab", str(vocab), "-o", str(tmp_path / "ft2")])
     assert r.exit_code == 2 and "--no-pretrain" in r.output
