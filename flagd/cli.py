@@ -675,6 +675,7 @@ def train(
     outliers: Annotated[list[Path] | None, typer.Option(help="Foreign captures or trees (none of the classes) for outlier exposure while fine-tuning.")] = None,
     outlier_weight: Annotated[float, typer.Option(min=0.0, help="Weight of the outlier-exposure loss.")] = 0.5,
     shallow_layers: Annotated[int, typer.Option(min=0, help="flag-shallow: fine-tune the first N pre-trained layers [default: one fewer than the preset].")] = 0,
+    equal_steps: Annotated[bool, typer.Option(help="Fine-tune a label fraction f for EPOCHS / f epochs: as many steps as with all labels.")] = False,
     seed: int = 0,
 ) -> None:
     """The paper's protocol (40% unlabelled, 60% labelled 6:2:2; all and 10% of labels) with
@@ -703,7 +704,7 @@ def train(
                      variants=tuple(variant or VARIANTS), packet_aware=packet_aware,
                      unlabelled=tuple(map(str, unlabelled or ())),
                      outliers=tuple(map(str, outliers or ())), outlier_weight=outlier_weight,
-                     shallow_layers=shallow_layers)
+                     shallow_layers=shallow_layers, equal_steps=equal_steps)
     try:
         proto.flow_settings(honest=True)  # bad K or B: one line now, not a traceback later
     except ValueError as e:

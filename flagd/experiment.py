@@ -24,6 +24,7 @@ The test split is only ever touched by `evaluate_split`, after training.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -72,6 +73,9 @@ class Protocol:
     outliers: tuple[str, ...] = ()  # foreign captures for outlier exposure in fine-tuning
     outlier_weight: float = 0.5
     shallow_layers: int = 0  # flag-shallow's encoder blocks; 0: one fewer than the preset's
+    # fine-tune a label fraction f for finetune_epochs / f epochs: as many optimizer steps as
+    # all labels get (10% of labels at a fixed epoch count is a tenth of the steps)
+    equal_steps: bool = False
     seed: int = 0
     overrides: dict = field(default_factory=dict)  # extra ModelConfig fields (tests: smaller)
 
@@ -338,7 +342,9 @@ def run_mode(ds: Dataset, mode: str, p: Protocol, out: Path, extra: Dataset | No
                                              log, progress)
             tuned = finetune(ids[tr], ds.labels[tr], ids[va], ds.labels[va], init=init, cfg=tuned_cfg,
                              train_ctx=_rows(ctx, tr), val_ctx=_rows(ctx, va),
-                             labels=ds.classes, run_dir=run, epochs=p.finetune_epochs,
+                             labels=ds.classes, run_dir=run,
+                             epochs=math.ceil(p.finetune_epochs / frac) if p.equal_steps
+                             else p.finetune_epochs,
                              batch_size=p.batch_size, lr=p.finetune_lr, balance=p.balance,
                              vocab_sha256=phrases.sha256, seed=p.seed, progress=progress, log=log,
                              outlier_ids=o_ids, outlier_ctx=o_ctx,

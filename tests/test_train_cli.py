@@ -100,7 +100,7 @@ def test_product_mode_pretrains_on_extra_captures_and_records_its_test_flows(tmp
             "--variant", "flag", "--variant", "rf", "--unlabelled", str(extra),
             "--preset", "tiny", "--max-len", "48", "--vocab-size", "512",
             "--pretrain-epochs", "1", "--finetune-epochs", "2", "--batch-size", "16",
-            "--pretrain-batch-size", "8"]
+            "--pretrain-batch-size", "8", "--equal-steps"]
     r = runner.invoke(app, argv)
     assert r.exit_code == 0, r.output
     assert "20 extra unlabelled flows for pre-training" in r.output
@@ -108,6 +108,9 @@ def test_product_mode_pretrains_on_extra_captures_and_records_its_test_flows(tmp
     assert [h["step"] for h in curve["history"]][-1] == curve["step"] > 0
     tuned = json.loads((out / "product" / "flag-100" / "finetune.json").read_text())
     assert len(tuned["history"]) == 2 and "confusion" not in tuned
+    # --equal-steps: 10% of the labels get 10x the epochs (about as many steps as all labels)
+    few = json.loads((out / "product" / "flag-10" / "config.json").read_text())["train"]
+    assert few["epochs"] == 20
     row = json.loads((out / "report.json").read_text())["rows"][0]
     assert row["val_macro_f1"] == tuned["best_val_macro_f1"]
     split = json.loads((out / "product" / "split.json").read_text())
