@@ -462,7 +462,9 @@ def finetune(
     tr = tr.subset(subsample(np.arange(len(tr)), tr.labels, label_fraction, seed))
     cfg = None if ckpt else ModelConfig.preset(preset, vocab_size=phrases.vocab_size,
                                                max_len=max_len, packet_aware=packet_aware)
-    if layers and ckpt:
+    if layers and not ckpt:
+        raise fail("--layers takes the first layers of --init; with --no-pretrain use --preset", Exit.USAGE)
+    if layers:
         depth = ckpt["config"]["n_layer"]
         if layers > depth:
             raise fail(f"--layers {layers}: {init} has {depth} layers", Exit.USAGE)

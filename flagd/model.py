@@ -294,7 +294,7 @@ class FlagEncoder(nn.Module):
         """Load a pre-trained encoder (+ masked-phrase head) and keep this model's fresh
         classification head; anything else missing or unexpected is an error. A model with
         fewer layers than the checkpoint takes its first n_layer blocks: a shallower, faster
-        student starts from the pre-trained lower layers rather than from random weights."""
+        classifier starts from the pre-trained lower layers rather than from random weights."""
         heads = ("pooler.", "classifier.")
         deeper = tuple(f"blocks.{i}." for i in range(self.cfg.n_layer, _depth(state)))
         own = {k: v for k, v in state.items() if not k.startswith(heads + deeper)}
