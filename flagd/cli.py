@@ -434,8 +434,6 @@ def finetune(
     layers: Annotated[int, typer.Option(min=0, help="With --init: fine-tune only its first N layers (a faster model) [default: all].")] = 0,
 ) -> None:
     """Fine-tune a classifier on [CLS]; keeps the epoch with the best validation macro-F1."""
-    from dataclasses import replace
-
     import numpy as np
     import torch
 
@@ -465,10 +463,10 @@ def finetune(
     if layers and not ckpt:
         raise fail("--layers takes the first layers of --init; with --no-pretrain use --preset", Exit.USAGE)
     if layers:
-        depth = ckpt["config"]["n_layer"]
-        if layers > depth:
-            raise fail(f"--layers {layers}: {init} has {depth} layers", Exit.USAGE)
-        cfg = replace(ModelConfig.from_dict(ckpt["config"]), n_layer=layers)
+        try:
+            cfg = ModelConfig.from_dict(ckpt["config"]).first_layers(layers)
+        except ValueError as e:
+            raise fail(f"--layers {layers}: {init}: {e}", Exit.USAGE) from None
     max_len = ckpt["config"]["max_len"] if ckpt else max_len
     aware = ckpt["config"].get("packet_aware", False) if ckpt else packet_aware
     settings = FlowSettings.from_dict(tr.settings)

@@ -27,7 +27,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -332,10 +332,7 @@ def run_mode(ds: Dataset, mode: str, p: Protocol, out: Path, extra: Dataset | No
             init, pre_wall = None, 0.0
             tuned_cfg = cfg
             if variant == "flag-shallow":
-                tuned_cfg = replace(cfg, n_layer=p.shallow_layers or cfg.n_layer - 1)
-                if not 0 < tuned_cfg.n_layer <= cfg.n_layer:
-                    raise ValueError(f"flag-shallow needs 1 to {cfg.n_layer} layers, not "
-                                     f"{tuned_cfg.n_layer}")
+                tuned_cfg = cfg.first_layers(p.shallow_layers or cfg.n_layer - 1)
             if variant != "no-pretrain":
                 init, pre_wall = _pretrained(out / mode / f"pretrain-{key}{'' if aware else '-flat'}",
                                              ids, ctx, pre_rows, split["val"], cfg, phrases, p,

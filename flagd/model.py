@@ -15,7 +15,7 @@ gives the paper's post-LN blocks for a faithful comparison.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from os import PathLike
 from typing import Any
 
@@ -57,6 +57,14 @@ class ModelConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
+
+    def first_layers(self, n_layer: int) -> ModelConfig:
+        """This config with only its first n_layer blocks (a shallower model fine-tuned from a
+        deeper pre-training, `FlagEncoder.load_pretrained`)."""
+        if not 0 < n_layer <= self.n_layer:
+            raise ValueError(f"the pre-trained encoder has {self.n_layer} layers: "
+                             f"choose 1 to {self.n_layer}, not {n_layer}")
+        return replace(self, n_layer=n_layer)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
