@@ -581,7 +581,8 @@ def evaluate_cmd(
     for p, ds in foreign_sets:
         if not len(ds):
             raise fail(f"{p}: no flow with a relevant packet")
-        far[p.stem] = decide(*bundle.outputs_for(ds.flows, ds.sides))
+        far[p.stem] = (*decide(*bundle.outputs_for(ds.flows, ds.sides)),
+                       [ds.sources[i] for i in ds.source])
     report["openset"] = evaluate.openset_report(
         y, softmax(logits), probs_after, scores, accept, far,
         method=o.method if o else None, temperature=o.temperature if o else 1.0,

@@ -113,14 +113,29 @@ REPORT_SCHEMA: dict[str, Any] = {
                 "ece_after": {**_UNIT, "description": "ECE, 15 bins, at the fitted temperature"},
                 "foreign": {
                     "description": "per foreign source: flows, AUROC of the rejection score "
-                                   "(these flows vs the scored ones), share labelled unknown",
+                                   "(these flows vs the scored ones), share labelled unknown, "
+                                   "and the same share per capture file",
                     "type": "object",
                     "additionalProperties": {
                         "type": "object",
                         "additionalProperties": False,
-                        "required": ["n_flows", "auroc", "rejection_rate"],
-                        "properties": {"n_flows": {**_COUNT, "minimum": 1}, "auroc": _UNIT,
-                                       "rejection_rate": _UNIT},
+                        "required": ["n_flows", "auroc", "rejection_rate", "n_captures",
+                                     "capture_rejection_rate", "most_accepted"],
+                        "properties": {
+                            "n_flows": {**_COUNT, "minimum": 1}, "auroc": _UNIT,
+                            "rejection_rate": _UNIT,
+                            "n_captures": {**_COUNT, "minimum": 1},
+                            "capture_rejection_rate": {
+                                **_UNIT, "description": "mean over captures of the share of "
+                                                        "their flows labelled unknown"},
+                            "most_accepted": {
+                                "description": "the captures with the most accepted flows: "
+                                               "[capture, accepted, flows], at most 5",
+                                "type": "array", "maxItems": 5,
+                                "items": {"type": "array", "prefixItems": [
+                                    {"type": "string"}, _COUNT, _COUNT], "items": False},
+                            },
+                        },
                     },
                 },
             },
@@ -263,7 +278,7 @@ def openset_report(y_true: Sequence[int] | np.ndarray, probs_before: np.ndarray,
 
     probs_before/after: softmax at T = 1 and at the fitted T (N, K); scores: rejection score per
     flow (higher = in-distribution); accepted: not labelled unknown; foreign: per source name,
-    its (scores, accepted)."""
+    its (scores, accepted, capture of each flow)."""
     y = np.asarray(y_true, np.int64)
     accepted = np.asarray(accepted, bool)
     right = probs_after.argmax(1) == y
@@ -278,12 +293,24 @@ def openset_report(y_true: Sequence[int] | np.ndarray, probs_before: np.ndarray,
         "rejection_rate": 1 - n_acc / len(y),
         "ece_before": ece(probs_before.max(1), probs_before.argmax(1) == y),
         "ece_after": ece(probs_after.max(1), right),
-        "foreign": {
-            name: {"n_flows": len(fs), "auroc": auroc(scores, fs),
-                   "rejection_rate": float(1 - np.mean(fa))}
-            for name, (fs, fa) in foreign.items()
-        },
+        "foreign": {name: _foreign_figures(scores, *f) for name, f in foreign.items()},
     }
+
+
+def _foreign_figures(inside: np.ndarray, scores: np.ndarray, accepted: np.ndarray,
+                     captures: Sequence[str]) -> dict[str, Any]:
+    """One foreign source's figures. A foreign corpus is lumpy (one capture of a scan or a
+    flood can hold a sixth of its flows), so the share per capture and the captures that let
+    the most flows through stand next to the share per flow."""
+    accepted = np.asarray(accepted, bool)
+    names, which = np.unique(np.asarray(captures, str), return_inverse=True)
+    flows = np.bincount(which, minlength=len(names))
+    took = np.bincount(which, accepted, len(names)).astype(np.int64)
+    top = [i for i in np.argsort(-took, kind="stable")[:5] if took[i]]
+    return {"n_flows": len(accepted), "auroc": auroc(inside, scores),
+            "rejection_rate": float(1 - accepted.mean()), "n_captures": len(names),
+            "capture_rejection_rate": float(np.mean(1 - took / flows)),
+            "most_accepted": [[Path(names[i]).name, int(took[i]), int(flows[i])] for i in top]}
 
 
 def render_openset(report: dict[str, Any]) -> Table:
@@ -295,13 +322,18 @@ def render_openset(report: dict[str, Any]) -> Table:
                            f"{_fmt(o['threshold'])}; ECE (15 bins) {o['ece_before']:.4f} before, "
                            f"{o['ece_after']:.4f} after temperature scaling"))
     table.add_column("flows")
-    for col in ("n", "AUROC", "labelled unknown", "accuracy on accepted"):
+    for col in ("n", "AUROC", "labelled unknown", "per capture", "accuracy on accepted"):
         table.add_column(col, justify="right")
     table.add_row("in-distribution (above)", str(report["n_flows"]), "",
-                  f"{o['rejection_rate']:.2%}", _fmt(o["accepted_accuracy"]))
+                  f"{o['rejection_rate']:.2%}", "", _fmt(o["accepted_accuracy"]))
     for name, f in o["foreign"].items():
-        table.add_row(f"foreign: {name}", str(f["n_flows"]), f"{f['auroc']:.4f}",
-                      f"{f['rejection_rate']:.2%}", "")
+        table.add_row(f"foreign: {name}", f"{f['n_flows']} in {f['n_captures']} captures",
+                      f"{f['auroc']:.4f}", f"{f['rejection_rate']:.2%}",
+                      f"{f['capture_rejection_rate']:.2%}", "")
+    leaks = [f"{name}: " + ", ".join(f"{c} {a}/{n}" for c, a, n in f["most_accepted"])
+             for name, f in o["foreign"].items() if f["most_accepted"]]
+    if leaks:
+        table.caption += "\nmost accepted foreign flows (capture accepted/flows): " + "; ".join(leaks)
     return table
 
 

@@ -313,12 +313,16 @@ def test_openset_report_validates_and_counts():
     scores = np.array([5.0, 1.0, 4.0, 3.0])
     accepted = scores >= 2
     o = openset_report([0, 1, 1, 1], probs, probs, scores, accepted,
-                       {"lab": (np.array([0.0, 2.5]), np.array([False, True]))},
+                       {"lab": (np.array([0.0, 2.5, 0.5]), np.array([False, True, False]),
+                                ["runs/a.pcap", "runs/b.pcap", "runs/a.pcap"])},
                        method="mahalanobis", temperature=1.5, threshold=2.0)
     assert o["coverage"] == 0.75 and o["rejection_rate"] == 0.25
     assert o["accepted_accuracy"] == pytest.approx(2 / 3)  # accepted 0, 2 right; 3 wrong
-    # foreign 0.0 below all 4; 2.5 below 3 of 4: AUROC (4 + 3) / 8
-    assert o["foreign"]["lab"] == {"n_flows": 2, "auroc": 0.875, "rejection_rate": 0.5}
+    # foreign 0.0 and 0.5 below all 4; 2.5 below 3 of 4: AUROC (4 + 3 + 4) / 12
+    # per capture: a.pcap 2 of 2 unknown, b.pcap 0 of 1: mean 0.5 (per flow 2 of 3)
+    assert o["foreign"]["lab"] == {
+        "n_flows": 3, "auroc": pytest.approx(11 / 12), "rejection_rate": pytest.approx(2 / 3),
+        "n_captures": 2, "capture_rejection_rate": 0.5, "most_accepted": [["b.pcap", 1, 1]]}
     report = metrics([0, 1, 1, 1], probs.argmax(1), ["a", "b"])
     report["openset"] = o
     VALIDATOR.validate(report)

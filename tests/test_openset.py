@@ -209,7 +209,10 @@ def test_calibrate_then_evaluate_with_foreign_flows(bundle_dir, data, tmp_path):
     o = report["openset"]
     assert o["coverage"] + o["rejection_rate"] == pytest.approx(1.0)
     assert set(o["foreign"]) == {"foreign"} and o["foreign"]["foreign"]["n_flows"] == 60
-    assert 0 <= o["foreign"]["foreign"]["auroc"] <= 1
+    f = o["foreign"]["foreign"]
+    assert 0 <= f["auroc"] <= 1 and f["n_captures"] >= 1
+    assert sum(n for _, _, n in f["most_accepted"]) <= 60
+    assert f"{f['capture_rejection_rate']:.2%}" in r.output  # the per-capture column
 
 
 def test_evaluate_refuses_a_dataset_built_for_another_k_or_b(bundle_dir, tmp_path):
