@@ -43,9 +43,12 @@ class Dataset:
         return len(self.flows)
 
     def subset(self, idx: np.ndarray) -> Dataset:
+        # The build's counts (flows dropped, duplicates) describe the whole build, not these
+        # flows: kept under "build", so a report on a split does not count them as its own.
         return Dataset([self.flows[i] for i in idx], [self.sides[i] for i in idx],
                        self.labels[idx], self.classes,
-                       self.source[idx], self.sources, self.start[idx], self.settings, self.stats)
+                       self.source[idx], self.sources, self.start[idx], self.settings,
+                       {"subset_of": len(self), "build": self.stats})
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

@@ -164,6 +164,31 @@ def test_evaluate_writes_report_and_heatmap(trained, tmp_path):
     assert rep.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_split_saved_from_a_dataset_does_not_count_the_builds_dropped_flows(trained, tmp_path):
+    from flagd.dataset import Dataset
+
+    tree, out, _ = trained
+    # one flow without a relevant packet (a handshake, no payload) next to the 60 chat flows
+    crafted.write_pcap(tree / "chat" / "handshake.pcap", [crafted.Record(
+        1_700_000_100.0 + i, crafted.ether(IP(src="198.51.100.9", dst="203.0.113.5") /
+                                           TCP(sport=41000, dport=22, flags=f)))
+        for i, f in enumerate(("S", "A"))], LINKTYPE_ETHERNET)
+    try:
+        r = runner.invoke(app, ["dataset", "build", str(tree), "-o", str(tmp_path / "all.npz")])
+    finally:
+        (tree / "chat" / "handshake.pcap").unlink()  # the module's other tests share the tree
+    assert r.exit_code == 0, r.output
+    full = Dataset.load(tmp_path / "all.npz")
+    assert sum(full.stats["dropped"].values()) == 1
+    full.subset(np.arange(0, len(full), 2)).save(tmp_path / "half.npz")
+    model = str(out / "paper" / "flag-100" / "model")
+    for name, dropped in (("all.npz", 1), ("half.npz", 0)):
+        rep = tmp_path / f"{name}.json"
+        r = runner.invoke(app, ["evaluate", model, str(tmp_path / name), "--json", str(rep)])
+        assert r.exit_code == 0, r.output
+        assert json.loads(rep.read_text())["n_dropped"] == dropped
+
+
 def test_pretrain_then_finetune_commands_make_a_bundle(tmp_path):
     tree = make_tree(tmp_path / "tree")
     ds = tmp_path / "all.npz"
