@@ -686,6 +686,7 @@ def train(
 
     from flagd.evaluate import compare_table
     from flagd.experiment import VARIANTS, Protocol, run_protocol
+    from flagd.model import ModelConfig
 
     for p in [*tree, *(unlabelled or []), *(outliers or [])]:
         if not p.exists():
@@ -706,8 +707,11 @@ def train(
                      unlabelled=tuple(map(str, unlabelled or ())),
                      outliers=tuple(map(str, outliers or ())), outlier_weight=outlier_weight,
                      shallow_layers=shallow_layers, equal_steps=equal_steps)
-    try:
-        proto.flow_settings(honest=True)  # bad K or B: one line now, not a traceback later
+    try:  # bad K, B, preset or --shallow-layers: one line now, not a failure hours later
+        proto.flow_settings(honest=True)
+        cfg = ModelConfig.preset(preset, vocab_size=vocab_size)
+        if shallow_layers:
+            cfg.first_layers(shallow_layers)
     except ValueError as e:
         raise fail(str(e), Exit.USAGE) from None
     try:

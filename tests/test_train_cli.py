@@ -263,6 +263,13 @@ def test_train_on_too_few_flows_is_one_line(tmp_path):
 def test_train_rejects_bad_packet_settings(tmp_path):
     r = runner.invoke(app, ["train", str(tmp_path), "-o", str(tmp_path / "run"), "--packet-bytes", "32"])
     assert r.exit_code == 2 and "packet_bytes must be at least 40" in r.output
+    # a flag-shallow depth the preset does not have: refused before any data is read
+    r = runner.invoke(app, ["train", str(tmp_path), "-o", str(tmp_path / "run"), "--preset", "mini",
+                            "--variant", "flag-shallow", "--shallow-layers", "5"])
+    assert r.exit_code == 2 and "has 3 layers: choose 1 to 3, not 5" in r.output
+    r = runner.invoke(app, ["train", str(tmp_path), "-o", str(tmp_path / "run"), "--preset", "huge"])
+    assert r.exit_code == 2 and "unknown preset 'huge'" in r.output
+    assert not (tmp_path / "run").exists()
 
 
 def test_train_loio_mode_is_for_lab_runs_only(tmp_path):
