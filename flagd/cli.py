@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -280,21 +281,6 @@ def _progress():
                     TimeElapsedColumn(), transient=True)
 
 
-def _datasets(data: list[Path]):
-    """Flows from built datasets (.npz) or capture trees (unlabelled: for vocab and pretrain)."""
-    from flagd.dataset import Dataset, DatasetError, build
-
-    out = []
-    trees = [d for d in data if d.suffix != ".npz"]
-    try:
-        out += [Dataset.load(d) for d in data if d.suffix == ".npz"]
-    except DatasetError as e:
-        raise fail(str(e)) from None
-    if trees:
-        out.append(build(trees))
-    return out
-
-
 @dataset_app.command("build")
 def dataset_build(
     src: Annotated[list[Path], typer.Argument(help="Capture files or directory trees.")],
@@ -486,33 +472,29 @@ def finetune(
 def _foreign_flows(paths: list[Path], settings) -> list:
     """Outlier-exposure flows: datasets built with `settings` (the training set's), or capture
     trees built with them here."""
-    from flagd.dataset import Dataset, DatasetError, build
+    from flagd.dataset import DatasetError
 
-    out, trees = [], []
-    for p in paths:
-        if not p.exists():
-            raise fail(f"{p}: no such file or directory")
-        if p.suffix != ".npz":
-            trees.append(p)
-            continue
-        try:
-            ds = Dataset.load(p)
-        except DatasetError as e:
-            raise fail(str(e)) from None
-        if ds.settings != settings.to_dict():
-            raise fail(f"{p}: built with other flow settings than the training set; rebuild it "
-                       f"with the same --packets and --packet-bytes")
-        out.append(ds)
-    if trees:
-        out.append(build(trees, settings))
+    def same(built: dict, what: str) -> None:
+        if built != settings.to_dict():
+            raise DatasetError(f"{what}: built with other flow settings than the training set; "
+                             f"rebuild it with the same --packets and --packet-bytes")
+
+    out = _datasets(paths, settings, same)
     if paths and not sum(map(len, out)):  # training would silently go on without exposure
         raise fail(f"no flows in {', '.join(map(str, paths))} for outlier exposure")
     return out
 
 
 def _flows_for(bundle, paths: list[Path], labels: str | None) -> list:
-    """Datasets for `bundle` from .npz files (checked: same K, B and preprocessing as the model
-    reads) or capture trees (built with the bundle's settings; labels None: unlabelled)."""
+    """Datasets for `bundle` (same K, B and preprocessing as the model reads)."""
+    return _datasets(paths, bundle.settings, bundle.check_dataset, labels)
+
+
+def _datasets(paths: list[Path], settings=None, check: Callable[[dict, str], None] | None = None,
+              labels: str | None = None) -> list:
+    """One dataset per path: a .npz file, its settings passed to `check` (which raises a
+    one-line DatasetError or BundleError when they are not `settings`), or a capture tree built
+    with `settings` (None: the defaults; labels None: unlabelled)."""
     from flagd.dataset import Dataset, DatasetError, build
     from flagd.infer import BundleError
     from flagd.labels import labeller
@@ -525,9 +507,10 @@ def _flows_for(bundle, paths: list[Path], labels: str | None) -> list:
         for p in paths:
             if p.suffix == ".npz":
                 ds = Dataset.load(p)
-                bundle.check_dataset(ds.settings, str(p))
+                if check:
+                    check(ds.settings, str(p))
             else:
-                ds = build([p], bundle.settings, labeller(labels) if labels else None)
+                ds = build([p], settings, labeller(labels) if labels else None)
             sets.append(ds)
     except (DatasetError, BundleError) as e:
         raise fail(str(e)) from None
