@@ -692,9 +692,7 @@ def train(
                      shallow_layers=shallow_layers, equal_steps=equal_steps)
     try:  # bad K, B, preset or --shallow-layers: one line now, not a failure hours later
         proto.flow_settings(honest=True)
-        cfg = ModelConfig.preset(preset, vocab_size=vocab_size)
-        if shallow_layers:
-            cfg.first_layers(shallow_layers)
+        proto.shallow(ModelConfig.preset(preset, vocab_size=vocab_size))
     except ValueError as e:
         raise fail(str(e), Exit.USAGE) from None
     try:

@@ -84,6 +84,10 @@ class Protocol:
             Preprocessing(packet_bytes=self.packet_bytes)
         return FlowSettings(ready_packets=self.ready_packets, preprocessing=pre)
 
+    def shallow(self, cfg: ModelConfig) -> ModelConfig:
+        """flag-shallow's config: the first shallow_layers blocks of cfg (default one fewer)."""
+        return cfg.first_layers(self.shallow_layers or cfg.n_layer - 1)
+
 
 def split_random(ds: Dataset, seed: int,
                  shares: tuple[float, ...] = SHARES) -> dict[str, np.ndarray]:
@@ -332,7 +336,7 @@ def run_mode(ds: Dataset, mode: str, p: Protocol, out: Path, extra: Dataset | No
             init, pre_wall = None, 0.0
             tuned_cfg = cfg
             if variant == "flag-shallow":
-                tuned_cfg = cfg.first_layers(p.shallow_layers or cfg.n_layer - 1)
+                tuned_cfg = p.shallow(cfg)
             if variant != "no-pretrain":
                 init, pre_wall = _pretrained(out / mode / f"pretrain-{key}{'' if aware else '-flat'}",
                                              ids, ctx, pre_rows, split["val"], cfg, phrases, p,
