@@ -26,9 +26,10 @@ PORT_RULES: dict[str, tuple[int, tuple[int, ...]]] = {
     "nbns": (UDP, (137, 138)),
     "ntp": (UDP, (123,)),
     "ssdp": (UDP, (1900,)),
-    # Off by default: LAN background that survives Deep Packet's list in ISCX
-    # (Dropbox LAN sync, WS-Discovery).
-    "lan-discovery": (UDP, (17500, 3702)),
+    # Off by default: LAN discovery chatter that survives Deep Packet's list in ISCX, where the
+    # same broadcasts are labelled with whichever class was being recorded (Dropbox LAN sync,
+    # WS-Discovery, SLP, Spotify, Plex GDM). Shipped models were trained without it.
+    "lan-discovery": (UDP, (17500, 3702, 427, 57621, 32410, 32412, 32413, 32414)),
 }
 TCP_NO_PAYLOAD = "tcp-no-payload"
 ALL_RULES = (*PORT_RULES, TCP_NO_PAYLOAD)

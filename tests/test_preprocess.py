@@ -72,14 +72,15 @@ def test_extra_masks_zero_every_shortcut_field():
 
 def test_relevance_rules_on_ports_and_empty_tcp():
     rt = RuleTable.compile(DEFAULT_RULES)
-    proto = np.array([17, 17, 6, 6, 17, 17, 6], np.uint8)
-    sport = np.array([5353, 40000, 40000, 53, 40000, 17500, 40000], np.uint16)
-    dport = np.array([1, 123, 443, 40000, 443, 17500, 443], np.uint16)
-    plen = np.array([10, 10, 10, 10, 10, 10, 0], np.int32)
+    proto = np.array([17, 17, 6, 6, 17, 17, 6, 17], np.uint8)
+    sport = np.array([5353, 40000, 40000, 53, 40000, 17500, 40000, 40000], np.uint16)
+    dport = np.array([1, 123, 443, 40000, 443, 17500, 443, 427], np.uint16)
+    plen = np.array([10, 10, 10, 10, 10, 10, 0, 10], np.int32)
     names = [rt.name(c) if c else None for c in rt.codes(proto, sport, dport, plen)]
-    assert names == ["mdns", "ntp", None, "dns", None, None, "tcp-no-payload"]
+    assert names == ["mdns", "ntp", None, "dns", None, None, "tcp-no-payload", None]
     rt2 = RuleTable.compile((*DEFAULT_RULES, "lan-discovery"))
-    assert rt2.name(rt2.codes(proto, sport, dport, plen)[5]) == "lan-discovery"
+    codes = rt2.codes(proto, sport, dport, plen)
+    assert rt2.name(codes[5]) == rt2.name(codes[7]) == "lan-discovery"  # Dropbox, SLP
 
 
 def test_unknown_rule_and_mask_are_errors():
