@@ -660,6 +660,8 @@ def train(
     outlier_weight: Annotated[float, typer.Option(min=0.0, help="Weight of the outlier-exposure loss.")] = 0.5,
     shallow_layers: Annotated[int, typer.Option(min=0, help="flag-shallow: fine-tune the first N pre-trained layers [default: one fewer than the preset].")] = 0,
     equal_steps: Annotated[bool, typer.Option(help="Fine-tune a label fraction f for EPOCHS / f epochs: as many steps as with all labels.")] = False,
+    fraction: Annotated[list[float] | None, typer.Option(min=0.001, max=1.0, help="Labelled fractions to train on [default: 1.0 and 0.1].")] = None,
+    draw: Annotated[int, typer.Option(min=0, help="Another draw of the labelled rows and of the fine-tuning and forest seeds (SEED + DRAW), same split and pre-training; rows go to <variant>-<pct>-drawN.")] = 0,
     seed: int = 0,
 ) -> None:
     """The paper's protocol (40% unlabelled, 60% labelled 6:2:2; all and 10% of labels) with
@@ -689,7 +691,8 @@ def train(
                      variants=tuple(variant or VARIANTS), packet_aware=packet_aware,
                      unlabelled=tuple(map(str, unlabelled or ())),
                      outliers=tuple(map(str, outliers or ())), outlier_weight=outlier_weight,
-                     shallow_layers=shallow_layers, equal_steps=equal_steps)
+                     shallow_layers=shallow_layers, equal_steps=equal_steps, draw=draw,
+                     fractions=tuple(fraction or (1.0, 0.1)))
     try:  # bad K, B, preset or --shallow-layers: one line now, not a failure hours later
         proto.flow_settings(honest=True)
         proto.shallow(ModelConfig.preset(preset, vocab_size=vocab_size))

@@ -407,11 +407,12 @@ def write_json(report: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def compare_row(name: str, report: dict[str, Any], *, labels: float,
+def compare_row(name: str, report: dict[str, Any], *, labels: float, draw: int = 0,
                 wall_s: float | None = None, model_params: int | None = None) -> dict[str, Any]:
-    """One `compare_table` row from a report: `labels` is the labelled fraction (1.0, 0.1)."""
+    """One `compare_table` row from a report: `labels` is the labelled fraction (1.0, 0.1),
+    `draw` which random draw of those labels (0: the run's seed)."""
     return {
-        "name": name, "labels": labels, "accuracy": report["accuracy"],
+        "name": name, "labels": labels, "draw": draw, "accuracy": report["accuracy"],
         "macro_f1": report["macro_f1"], "tpr": report["tpr"], "fpr": report["fpr"],
         "ftf": report["ftf"], "wall_s": wall_s, "model_params": model_params,
     }
@@ -427,10 +428,11 @@ def _fmt_params(n: int | None) -> str:
 
 
 def rf_gap(rows: list[dict[str, Any]], row: dict[str, Any]) -> float | None:
-    """row's accuracy minus the random forest's of the same mode and labels, in points."""
+    """row's accuracy minus the random forest's of the same mode, labels and draw, in points."""
     mode = str(row["name"]).split(":")[0]
     for other in rows:
-        if other["name"] == f"{mode}: random forest" and other.get("labels") == row.get("labels"):
+        if (other["name"] == f"{mode}: random forest" and other.get("labels") == row.get("labels")
+                and other.get("draw", 0) == row.get("draw", 0)):
             if row.get("accuracy") is None or other.get("accuracy") is None:
                 return None
             return 100 * (row["accuracy"] - other["accuracy"])
@@ -443,9 +445,9 @@ def compare_table(rows: list[dict[str, Any]], include_paper: bool = True,
     classes) underneath.
 
     Row keys (all but `name` optional, None shown as n/a): name, labels (labelled fraction),
-    accuracy, macro_f1, tpr, fpr, ftf, wall_s (seconds), model_params (parameter count).
+    draw (which draw of those labels), accuracy, macro_f1, tpr, fpr, ftf, wall_s (seconds), model_params (parameter count).
     "acc - RF" is a row's accuracy minus the random forest's ("<mode>: random forest") with
-    the same labels, in points.
+    the same labels and draw, in points.
     """
     table = Table(title=title)
     table.add_column("model")
@@ -459,7 +461,8 @@ def compare_table(rows: list[dict[str, Any]], include_paper: bool = True,
         gap = rf_gap(rows, row)
         table.add_row(
             str(row["name"]),
-            "n/a" if labels is None else f"{labels:.0%}",
+            ("n/a" if labels is None else f"{labels:.0%}")
+            + (f", draw {row['draw']}" if row.get("draw") else ""),
             _fmt(row.get("accuracy")), "n/a" if gap is None else f"{gap:+.1f}",
             _fmt(row.get("macro_f1")), _fmt(row.get("tpr")),
             _fmt(row.get("fpr")), _fmt(row.get("ftf")),

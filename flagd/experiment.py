@@ -76,7 +76,10 @@ class Protocol:
     # fine-tune a label fraction f for finetune_epochs / f epochs: as many optimizer steps as
     # all labels get (10% of labels at a fixed epoch count is a tenth of the steps)
     equal_steps: bool = False
-    seed: int = 0
+    seed: int = 0  # the split, pre-training and (with draw 0) labelled rows and fine-tuning
+    # Another draw of the labelled rows, fine-tuning and forest seeds (seed + draw) on the same
+    # split and pre-training: how much a figure moves with the labels a run happened to get.
+    draw: int = 0
     overrides: dict = field(default_factory=dict)  # extra ModelConfig fields (tests: smaller)
 
     def flow_settings(self, honest: bool) -> FlowSettings:
@@ -297,11 +300,12 @@ def run_mode(ds: Dataset, mode: str, p: Protocol, out: Path, extra: Dataset | No
     rows = []
     dicts: dict[str, PhraseDict] = {}
     encoded: dict[tuple[str, bool], tuple] = {}
+    seed = p.seed + p.draw
     for variant in p.variants:
         for frac in p.fractions:
-            tr = subsample(split["train"], ds.labels, frac, p.seed)
-            va = subsample(split["val"], ds.labels, frac, p.seed)
-            name = f"{variant}-{int(frac * 100)}"
+            tr = subsample(split["train"], ds.labels, frac, seed)
+            va = subsample(split["val"], ds.labels, frac, seed)
+            name = variant_dir(variant, frac, p)
             run = out / mode / name
             if (run / "row.json").exists():  # finished before this run was interrupted
                 rows.append(json.loads((run / "row.json").read_text()))
@@ -311,12 +315,12 @@ def run_mode(ds: Dataset, mode: str, p: Protocol, out: Path, extra: Dataset | No
             if variant == "rf":
                 k = p.ready_packets
                 pred = random_forest(rf_features([ds.flows[i] for i in tr], k), ds.labels[tr],
-                                     rf_features([ds.flows[i] for i in te], k), p.seed)
+                                     rf_features([ds.flows[i] for i in te], k), seed)
                 report = evaluate.metrics(ds.labels[te], pred, ds.classes, n_dropped=n_dropped)
                 run.mkdir(parents=True, exist_ok=True)
                 evaluate.write_json(report, run / "report.json")
                 rows.append(evaluate.compare_row(f"{mode}: random forest", report, labels=frac,
-                                                 wall_s=time.monotonic() - t0))
+                                                 draw=p.draw, wall_s=time.monotonic() - t0))
                 _finish(log, mode, run, rows[-1], report)
                 continue
             key = "bytes" if variant == "bytes-only" else "phrases"
@@ -347,7 +351,7 @@ def run_mode(ds: Dataset, mode: str, p: Protocol, out: Path, extra: Dataset | No
                              epochs=math.ceil(p.finetune_epochs / frac) if p.equal_steps
                              else p.finetune_epochs,
                              batch_size=p.batch_size, lr=p.finetune_lr, balance=p.balance,
-                             vocab_sha256=phrases.sha256, seed=p.seed, progress=progress, log=log,
+                             vocab_sha256=phrases.sha256, seed=seed, progress=progress, log=log,
                              outlier_ids=o_ids, outlier_ctx=o_ctx,
                              outlier_weight=p.outlier_weight)
             wall = time.monotonic() - t0 + pre_wall
@@ -358,13 +362,21 @@ def run_mode(ds: Dataset, mode: str, p: Protocol, out: Path, extra: Dataset | No
             n_params = sum(v.numel() for v in torch.load(run / "best.pt", weights_only=True)["model"].values())
             evaluate.write_json({k: v for k, v in tuned.items() if k != "confusion"},
                                 run / "finetune.json")  # the per-epoch validation history
-            rows.append(evaluate.compare_row(f"{mode}: {variant}", report, labels=frac,
-                                             wall_s=wall, model_params=n_params)
+            steps = ", equal steps" if p.equal_steps and frac < 1 else ""
+            rows.append(evaluate.compare_row(f"{mode}: {variant}{steps}", report, labels=frac,
+                                             draw=p.draw, wall_s=wall, model_params=n_params)
                         | {"val_macro_f1": tuned["best_val_macro_f1"]})  # what a sweep picks on
             if variant in ("flag", "flag-shallow") and frac == 1.0:  # models to ship: bundles
                 export(run, phrases, ds, p, report, te)
             _finish(log, mode, run, rows[-1], report)
     return rows
+
+
+def variant_dir(variant: str, frac: float, p: Protocol) -> str:
+    """A variant's directory in the run: its own for every label fraction, equal-steps
+    schedule and draw, so one run directory takes them all and resumes each."""
+    steps = "-equal-steps" if p.equal_steps and frac < 1 and variant != "rf" else ""
+    return f"{variant}-{int(frac * 100)}{steps}" + (f"-draw{p.draw}" if p.draw else "")
 
 
 def _rows(ctx: np.ndarray | None, idx: np.ndarray) -> np.ndarray | None:

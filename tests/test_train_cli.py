@@ -109,7 +109,7 @@ def test_product_mode_pretrains_on_extra_captures_and_records_its_test_flows(tmp
     tuned = json.loads((out / "product" / "flag-100" / "finetune.json").read_text())
     assert len(tuned["history"]) == 2 and "confusion" not in tuned
     # --equal-steps: 10% of the labels get 10x the epochs (about as many steps as all labels)
-    few = json.loads((out / "product" / "flag-10" / "config.json").read_text())["train"]
+    few = json.loads((out / "product" / "flag-10-equal-steps" / "config.json").read_text())["train"]
     assert few["epochs"] == 20
     row = json.loads((out / "report.json").read_text())["rows"][0]
     assert row["val_macro_f1"] == tuned["best_val_macro_f1"]
@@ -128,6 +128,18 @@ def test_product_mode_pretrains_on_extra_captures_and_records_its_test_flows(tmp
     assert r.exit_code == 0, r.output
     assert "flag-100: finished in an earlier run, kept" in r.output
     assert "rf-100: accuracy" in r.output and best.stat().st_mtime_ns == stamp
+    # another draw of the labelled rows: directories of its own, seeds + 2, rows compared with
+    # the forest of the same draw
+    pre_best = out / "product" / "pretrain-phrases" / "best.pt"
+    stamp = pre_best.stat().st_mtime_ns
+    r = runner.invoke(app, argv + ["--fraction", "0.1", "--draw", "2"])
+    assert r.exit_code == 0, r.output
+    assert "10%, draw 2" in r.output and pre_best.stat().st_mtime_ns == stamp
+    drawn = json.loads((out / "product" / "flag-10-equal-steps-draw2" / "config.json").read_text())
+    assert drawn["train"]["seed"] == few["seed"] + 2 and drawn["train"]["epochs"] == 20
+    rows = json.loads((out / "report.json").read_text())["rows"]
+    assert {(row["name"], row["draw"]) for row in rows} == {("product: flag, equal steps", 2),
+                                                            ("product: random forest", 2)}
     r = runner.invoke(app, ["train", str(tree), "-o", str(out), "--variant", "nope"])
     assert r.exit_code == 2 and "unknown variant or mode: nope" in r.output
 
