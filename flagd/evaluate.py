@@ -445,7 +445,8 @@ def compare_table(rows: list[dict[str, Any]], include_paper: bool = True,
     classes) underneath.
 
     Row keys (all but `name` optional, None shown as n/a): name, labels (labelled fraction),
-    draw (which draw of those labels), accuracy, macro_f1, tpr, fpr, ftf, wall_s (seconds), model_params (parameter count).
+    draw (which draw of those labels), accuracy, macro_f1, tpr, fpr, ftf, wall_s (seconds),
+    model_params (parameter count).
     "acc - RF" is a row's accuracy minus the random forest's ("<mode>: random forest") with
     the same labels and draw, in points.
     """
