@@ -80,6 +80,11 @@ class Protocol:
     # Another draw of the labelled rows, fine-tuning and forest seeds (seed + draw) on the same
     # split and pre-training: how much a figure moves with the labels a run happened to get.
     draw: int = 0
+    # Self-training for label fractions under 1: the fine-tuned model labels the flows whose
+    # labels the fraction lacks (the unlabelled split and the rest of train, never test or
+    # --unlabelled captures); those it gives at least this probability join the labelled flows
+    # for a student fine-tuned from the same start. None: off.
+    self_train: float | None = None
     overrides: dict = field(default_factory=dict)  # extra ModelConfig fields (tests: smaller)
 
     def flow_settings(self, honest: bool) -> FlowSettings:
@@ -305,71 +310,98 @@ def run_mode(ds: Dataset, mode: str, p: Protocol, out: Path, extra: Dataset | No
         for frac in p.fractions:
             tr = subsample(split["train"], ds.labels, frac, seed)
             va = subsample(split["val"], ds.labels, frac, seed)
+            pool = np.concatenate([split["unlabelled"], np.setdiff1d(split["train"], tr)])
             name = variant_dir(variant, frac, p)
-            run = out / mode / name
-            if (run / "row.json").exists():  # finished before this run was interrupted
-                rows.append(json.loads((run / "row.json").read_text()))
-                log(f"[{mode}] {name}: finished in an earlier run, kept")
-                continue
-            t0 = time.monotonic()
-            if variant == "rf":
-                k = p.ready_packets
-                pred = random_forest(rf_features([ds.flows[i] for i in tr], k), ds.labels[tr],
-                                     rf_features([ds.flows[i] for i in te], k), seed)
-                report = evaluate.metrics(ds.labels[te], pred, ds.classes, n_dropped=n_dropped)
-                run.mkdir(parents=True, exist_ok=True)
+            # self-training: after this fraction's model (the teacher), a student beside it
+            students = (False, True) if p.self_train is not None and frac < 1 \
+                and variant != "rf" else (False,)
+            for student in students:
+                run = out / mode / (f"{name}-self-trained" if student else name)
+                if (run / "row.json").exists():  # finished before this run was interrupted
+                    rows.append(json.loads((run / "row.json").read_text()))
+                    log(f"[{mode}] {run.name}: finished in an earlier run, kept")
+                    continue
+                t0 = time.monotonic()
+                if variant == "rf":
+                    k = p.ready_packets
+                    pred = random_forest(rf_features([ds.flows[i] for i in tr], k), ds.labels[tr],
+                                         rf_features([ds.flows[i] for i in te], k), seed)
+                    report = evaluate.metrics(ds.labels[te], pred, ds.classes, n_dropped=n_dropped)
+                    run.mkdir(parents=True, exist_ok=True)
+                    evaluate.write_json(report, run / "report.json")
+                    rows.append(evaluate.compare_row(f"{mode}: random forest", report, labels=frac,
+                                                     draw=p.draw, wall_s=time.monotonic() - t0))
+                    _finish(log, mode, run, rows[-1], report)
+                    continue
+                key = "bytes" if variant == "bytes-only" else "phrases"
+                if key not in dicts:
+                    dicts[key] = PhraseDict.bytes_only() if key == "bytes" else PhraseDict.fit(
+                        (pk for i in pre_rows for pk in corpus.flows[i]), p.vocab_size)
+                phrases = dicts[key]
+                aware = p.packet_aware and variant != "flag-flat"
+                if (key, aware) not in encoded:  # once per input kind, not per label fraction
+                    encoded[key, aware] = (
+                        inputs.encode(phrases, corpus.flows, corpus.sides, p.max_len, aware),
+                        (None, None) if outliers is None else
+                        inputs.encode(phrases, outliers.flows, outliers.sides, p.max_len, aware))
+                (ids, ctx), (o_ids, o_ctx) = encoded[key, aware]
+                cfg = ModelConfig.preset(p.preset, vocab_size=phrases.vocab_size, max_len=p.max_len,
+                                         packet_aware=aware, **p.overrides)
+                init, pre_wall = None, 0.0
+                tuned_cfg = cfg
+                if variant == "flag-shallow":
+                    tuned_cfg = p.shallow(cfg)
+                if variant != "no-pretrain":
+                    init, pre_wall = _pretrained(
+                        out / mode / f"pretrain-{key}{'' if aware else '-flat'}", ids, ctx,
+                        pre_rows, split["val"], cfg, phrases, p, log, progress)
+                fit, fit_y = tr, ds.labels[tr]
+                epochs = math.ceil(p.finetune_epochs / frac) if p.equal_steps else p.finetune_epochs
+                if student:  # the teacher's confident labels join the real ones; as many steps
+                    extra_rows, extra_y = pseudo_labelled(out / mode / name, ids, ctx, pool,
+                                                          p.self_train)
+                    fit = np.concatenate([tr, extra_rows])
+                    fit_y = np.concatenate([fit_y, extra_y])
+                    steps = epochs * math.ceil(len(tr) / p.batch_size)
+                    epochs = math.ceil(steps / math.ceil(len(fit) / p.batch_size))
+                tuned = finetune(ids[fit], fit_y, ids[va], ds.labels[va], init=init, cfg=tuned_cfg,
+                                 train_ctx=_rows(ctx, fit), val_ctx=_rows(ctx, va),
+                                 labels=ds.classes, run_dir=run, epochs=epochs,
+                                 batch_size=p.batch_size, lr=p.finetune_lr, balance=p.balance,
+                                 vocab_sha256=phrases.sha256, seed=seed, progress=progress, log=log,
+                                 outlier_ids=o_ids, outlier_ctx=o_ctx,
+                                 outlier_weight=p.outlier_weight)
+                wall = time.monotonic() - t0 + pre_wall
+                phrases.save(run / "phrases.json")
+                report = evaluate_split(run, ids[te], _rows(ctx, te), ds.labels[te], ds.classes,
+                                        n_dropped)
                 evaluate.write_json(report, run / "report.json")
-                rows.append(evaluate.compare_row(f"{mode}: random forest", report, labels=frac,
-                                                 draw=p.draw, wall_s=time.monotonic() - t0))
+                n_params = sum(v.numel() for v in
+                               torch.load(run / "best.pt", weights_only=True)["model"].values())
+                evaluate.write_json({k: v for k, v in tuned.items() if k != "confusion"},
+                                    run / "finetune.json")  # the per-epoch validation history
+                how = (", equal steps" if p.equal_steps and frac < 1 else "") + (
+                    f", self-trained ({len(fit) - len(tr)} pseudo-labels)" if student else "")
+                rows.append(evaluate.compare_row(f"{mode}: {variant}{how}", report, labels=frac,
+                                                 draw=p.draw, wall_s=wall, model_params=n_params)
+                            | {"val_macro_f1": tuned["best_val_macro_f1"]})  # what a sweep picks on
+                if variant in ("flag", "flag-shallow") and frac == 1.0:  # models to ship: bundles
+                    export(run, phrases, ds, p, report, te)
                 _finish(log, mode, run, rows[-1], report)
-                continue
-            key = "bytes" if variant == "bytes-only" else "phrases"
-            if key not in dicts:
-                dicts[key] = PhraseDict.bytes_only() if key == "bytes" else PhraseDict.fit(
-                    (pk for i in pre_rows for pk in corpus.flows[i]), p.vocab_size)
-            phrases = dicts[key]
-            aware = p.packet_aware and variant != "flag-flat"
-            if (key, aware) not in encoded:  # once per input kind, not per label fraction
-                encoded[key, aware] = (
-                    inputs.encode(phrases, corpus.flows, corpus.sides, p.max_len, aware),
-                    (None, None) if outliers is None else
-                    inputs.encode(phrases, outliers.flows, outliers.sides, p.max_len, aware))
-            (ids, ctx), (o_ids, o_ctx) = encoded[key, aware]
-            cfg = ModelConfig.preset(p.preset, vocab_size=phrases.vocab_size, max_len=p.max_len,
-                                     packet_aware=aware, **p.overrides)
-            init, pre_wall = None, 0.0
-            tuned_cfg = cfg
-            if variant == "flag-shallow":
-                tuned_cfg = p.shallow(cfg)
-            if variant != "no-pretrain":
-                init, pre_wall = _pretrained(out / mode / f"pretrain-{key}{'' if aware else '-flat'}",
-                                             ids, ctx, pre_rows, split["val"], cfg, phrases, p,
-                                             log, progress)
-            tuned = finetune(ids[tr], ds.labels[tr], ids[va], ds.labels[va], init=init, cfg=tuned_cfg,
-                             train_ctx=_rows(ctx, tr), val_ctx=_rows(ctx, va),
-                             labels=ds.classes, run_dir=run,
-                             epochs=math.ceil(p.finetune_epochs / frac) if p.equal_steps
-                             else p.finetune_epochs,
-                             batch_size=p.batch_size, lr=p.finetune_lr, balance=p.balance,
-                             vocab_sha256=phrases.sha256, seed=seed, progress=progress, log=log,
-                             outlier_ids=o_ids, outlier_ctx=o_ctx,
-                             outlier_weight=p.outlier_weight)
-            wall = time.monotonic() - t0 + pre_wall
-            phrases.save(run / "phrases.json")
-            report = evaluate_split(run, ids[te], _rows(ctx, te), ds.labels[te], ds.classes,
-                                    n_dropped)
-            evaluate.write_json(report, run / "report.json")
-            n_params = sum(v.numel() for v in torch.load(run / "best.pt", weights_only=True)["model"].values())
-            evaluate.write_json({k: v for k, v in tuned.items() if k != "confusion"},
-                                run / "finetune.json")  # the per-epoch validation history
-            steps = ", equal steps" if p.equal_steps and frac < 1 else ""
-            rows.append(evaluate.compare_row(f"{mode}: {variant}{steps}", report, labels=frac,
-                                             draw=p.draw, wall_s=wall, model_params=n_params)
-                        | {"val_macro_f1": tuned["best_val_macro_f1"]})  # what a sweep picks on
-            if variant in ("flag", "flag-shallow") and frac == 1.0:  # models to ship: bundles
-                export(run, phrases, ds, p, report, te)
-            _finish(log, mode, run, rows[-1], report)
     return rows
+
+
+def pseudo_labelled(teacher: Path, ids: np.ndarray, ctx: np.ndarray | None, pool: np.ndarray,
+                    min_prob: float) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of pool that the fine-tuned model in teacher/ gives at least min_prob, and the
+    classes it gives them: self-training's extra flows (their own labels are never read)."""
+    model, _ = load_checkpoint(teacher / "best.pt")
+    logits = predict_logits(prepare_for_inference(model),
+                            torch.from_numpy(ids[pool].astype(np.int64)),
+                            ctx=None if ctx is None else torch.from_numpy(ctx[pool]))
+    prob, label = torch.softmax(logits, -1).max(-1)
+    keep = (prob >= min_prob).numpy()
+    return pool[keep], label.numpy()[keep]
 
 
 def variant_dir(variant: str, frac: float, p: Protocol) -> str:
