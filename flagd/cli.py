@@ -663,6 +663,7 @@ def train(
     fraction: Annotated[list[float] | None, typer.Option(min=0.001, max=1.0, help="Labelled fractions to train on [default: 1.0 and 0.1].")] = None,
     draw: Annotated[int, typer.Option(min=0, help="Another draw of the labelled rows and of the fine-tuning and forest seeds (SEED + DRAW), same split and pre-training; rows go to <variant>-<pct>-drawN.")] = 0,
     self_train: Annotated[float | None, typer.Option(min=0.0, max=1.0, metavar="MIN_PROB", help="Self-training for label fractions under 1: each fine-tuned model labels the flows whose labels the fraction lacks; those it gives at least MIN_PROB join the labelled flows for a student fine-tuned from the same start, as many steps (<variant>-<pct>-self-trained).")] = None,
+    self_train_rounds: Annotated[int, typer.Option(min=1, help="With --self-train: rounds, each student learning from the previous round's model (<variant>-<pct>-self-trainedN).")] = 1,
     seed: int = 0,
 ) -> None:
     """The paper's protocol (40% unlabelled, 60% labelled 6:2:2; all and 10% of labels) with
@@ -693,7 +694,8 @@ def train(
                      unlabelled=tuple(map(str, unlabelled or ())),
                      outliers=tuple(map(str, outliers or ())), outlier_weight=outlier_weight,
                      shallow_layers=shallow_layers, equal_steps=equal_steps, draw=draw,
-                     fractions=tuple(fraction or (1.0, 0.1)), self_train=self_train)
+                     fractions=tuple(fraction or (1.0, 0.1)), self_train=self_train,
+                     self_train_rounds=self_train_rounds)
     try:  # bad K, B, preset or --shallow-layers: one line now, not a failure hours later
         proto.flow_settings(honest=True)
         proto.shallow(ModelConfig.preset(preset, vocab_size=vocab_size))

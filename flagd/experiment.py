@@ -83,8 +83,10 @@ class Protocol:
     # Self-training for label fractions under 1: the fine-tuned model labels the flows whose
     # labels the fraction lacks (the unlabelled split and the rest of train, never test or
     # --unlabelled captures); those it gives at least this probability join the labelled flows
-    # for a student fine-tuned from the same start. None: off.
+    # for a student fine-tuned from the same start. None: off. Each further round's student
+    # learns from the previous round's.
     self_train: float | None = None
+    self_train_rounds: int = 1
     overrides: dict = field(default_factory=dict)  # extra ModelConfig fields (tests: smaller)
 
     def flow_settings(self, honest: bool) -> FlowSettings:
@@ -312,11 +314,12 @@ def run_mode(ds: Dataset, mode: str, p: Protocol, out: Path, extra: Dataset | No
             va = subsample(split["val"], ds.labels, frac, seed)
             pool = np.concatenate([split["unlabelled"], np.setdiff1d(split["train"], tr)])
             name = variant_dir(variant, frac, p)
-            # self-training: after this fraction's model (the teacher), a student beside it
-            students = (False, True) if p.self_train is not None and frac < 1 \
-                and variant != "rf" else (False,)
-            for student in students:
-                run = out / mode / (f"{name}-self-trained" if student else name)
+            # self-training: after this fraction's model, each round's student learns from the
+            # previous round's model
+            rounds = p.self_train_rounds if p.self_train is not None and frac < 1 \
+                and variant != "rf" else 0
+            for student in range(rounds + 1):  # 0: the fraction's own model
+                run = out / mode / _round_dir(name, student)
                 if (run / "row.json").exists():  # finished before this run was interrupted
                     rows.append(json.loads((run / "row.json").read_text()))
                     log(f"[{mode}] {run.name}: finished in an earlier run, kept")
@@ -358,8 +361,8 @@ def run_mode(ds: Dataset, mode: str, p: Protocol, out: Path, extra: Dataset | No
                 fit, fit_y = tr, ds.labels[tr]
                 epochs = math.ceil(p.finetune_epochs / frac) if p.equal_steps else p.finetune_epochs
                 if student:  # the teacher's confident labels join the real ones; as many steps
-                    extra_rows, extra_y = pseudo_labelled(out / mode / name, ids, ctx, pool,
-                                                          p.self_train)
+                    teacher = out / mode / _round_dir(name, student - 1)
+                    extra_rows, extra_y = pseudo_labelled(teacher, ids, ctx, pool, p.self_train)
                     fit = np.concatenate([tr, extra_rows])
                     fit_y = np.concatenate([fit_y, extra_y])
                     steps = epochs * math.ceil(len(tr) / p.batch_size)
@@ -381,7 +384,8 @@ def run_mode(ds: Dataset, mode: str, p: Protocol, out: Path, extra: Dataset | No
                 evaluate.write_json({k: v for k, v in tuned.items() if k != "confusion"},
                                     run / "finetune.json")  # the per-epoch validation history
                 how = (", equal steps" if p.equal_steps and frac < 1 else "") + (
-                    f", self-trained ({len(fit) - len(tr)} pseudo-labels)" if student else "")
+                    f", self-trained ({len(fit) - len(tr)} pseudo-labels)" if student else "") + (
+                    f", round {student}" if student > 1 else "")
                 rows.append(evaluate.compare_row(f"{mode}: {variant}{how}", report, labels=frac,
                                                  draw=p.draw, wall_s=wall, model_params=n_params)
                             | {"val_macro_f1": tuned["best_val_macro_f1"]})  # what a sweep picks on
@@ -402,6 +406,10 @@ def pseudo_labelled(teacher: Path, ids: np.ndarray, ctx: np.ndarray | None, pool
     prob, label = torch.softmax(logits, -1).max(-1)
     keep = (prob >= min_prob).numpy()
     return pool[keep], label.numpy()[keep]
+
+
+def _round_dir(name: str, student: int) -> str:
+    return name if not student else f"{name}-self-trained" + (str(student) if student > 1 else "")
 
 
 def variant_dir(variant: str, frac: float, p: Protocol) -> str:

@@ -142,16 +142,18 @@ def test_product_mode_pretrains_on_extra_captures_and_records_its_test_flows(tmp
                                                             ("product: random forest", 2)}
     # self-training: the 10% model labels the rest of train (a minimum probability of 0 takes
     # every flow) for a student beside it, as many steps; the teacher is not trained again
-    r = runner.invoke(app, argv + ["--fraction", "0.1", "--self-train", "0"])
+    r = runner.invoke(app, argv + ["--fraction", "0.1", "--self-train", "0",
+                                   "--self-train-rounds", "2"])
     assert r.exit_code == 0, r.output
     assert "flag-10-equal-steps: finished in an earlier run, kept" in r.output
-    student = json.loads((out / "product" / "flag-10-equal-steps-self-trained" / "config.json")
-                         .read_text())["train"]
     n_train = len(split["train"])
-    assert student["n_train"] == n_train and student["pretrained"]
-    assert few["steps"] <= student["steps"] < few["steps"] + n_train / 16
+    for d in ("flag-10-equal-steps-self-trained", "flag-10-equal-steps-self-trained2"):
+        student = json.loads((out / "product" / d / "config.json").read_text())["train"]
+        assert student["n_train"] == n_train and student["pretrained"]
+        assert few["steps"] <= student["steps"] < few["steps"] + n_train / 16
     n_pseudo = n_train - few["n_train"]
-    assert f"self-trained ({n_pseudo} pseudo-labels)" in r.output
+    names = [row["name"] for row in json.loads((out / "report.json").read_text())["rows"]]
+    assert f"product: flag, equal steps, self-trained ({n_pseudo} pseudo-labels), round 2" in names
     assert not (out / "product" / "rf-10-self-trained").exists()  # the forest has no student
     r = runner.invoke(app, ["train", str(tree), "-o", str(out), "--variant", "nope"])
     assert r.exit_code == 2 and "unknown variant or mode: nope" in r.output
