@@ -9,6 +9,9 @@ paper's flat input where the others are packet-aware (flagd.inputs), a shallower
 fine-tunes only the first pre-trained layers (flag-shallow: faster live inference, same
 pre-training), and the strongest simple
 baseline, a random forest on the first RF_BYTES bytes of each of the first K packets.
+With a fraction of the labels, self-training (Protocol.self_train) can follow: the fraction's
+model labels the flows whose labels the fraction lacks, the unlabelled split and the rest of
+train, and a student learns from the flows it is sure of.
 
 Product mode: what a shipped model is trained on. Every labelled flow but a test split: 80/10/10
 per class into train, validation (early stopping, rejection threshold) and test; pre-training on
