@@ -684,6 +684,9 @@ def train(
     bad = set(variant or ()) - set(VARIANTS) or set(mode or ()) - {"paper", "honest", "product", "loio"}
     if bad:
         raise fail(f"unknown variant or mode: {', '.join(sorted(bad))}", Exit.USAGE)
+    if self_train is not None and min(fraction or (0.1,)) >= 1:
+        raise fail("--self-train needs a label fraction under 1 (--fraction 0.1): with every "
+                   "label there are no flows to label", Exit.USAGE)
     proto = Protocol(preset=preset, vocab_size=vocab_size, max_len=max_len,
                      pretrain_epochs=pretrain_epochs, finetune_epochs=finetune_epochs,
                      batch_size=batch_size, pretrain_batch_size=pretrain_batch_size, seed=seed,

@@ -296,6 +296,9 @@ def test_train_rejects_bad_packet_settings(tmp_path):
     assert r.exit_code == 2 and "has 3 layers: choose 1 to 3, not 5" in r.output
     r = runner.invoke(app, ["train", str(tmp_path), "-o", str(tmp_path / "run"), "--preset", "huge"])
     assert r.exit_code == 2 and "unknown preset 'huge'" in r.output
+    r = runner.invoke(app, ["train", str(tmp_path), "-o", str(tmp_path / "run"), "--fraction", "1",
+                            "--self-train", "0.5"])
+    assert r.exit_code == 2 and "--self-train needs a label fraction under 1" in r.output
     assert not (tmp_path / "run").exists()
 
 
