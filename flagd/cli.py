@@ -684,9 +684,6 @@ def train(
     bad = set(variant or ()) - set(VARIANTS) or set(mode or ()) - {"paper", "honest", "product", "loio"}
     if bad:
         raise fail(f"unknown variant or mode: {', '.join(sorted(bad))}", Exit.USAGE)
-    if self_train is not None and min(fraction or (0.1,)) >= 1:
-        raise fail("--self-train needs a label fraction under 1 (--fraction 0.1): with every "
-                   "label there are no flows to label", Exit.USAGE)
     proto = Protocol(preset=preset, vocab_size=vocab_size, max_len=max_len,
                      pretrain_epochs=pretrain_epochs, finetune_epochs=finetune_epochs,
                      batch_size=batch_size, pretrain_batch_size=pretrain_batch_size, seed=seed,
@@ -697,8 +694,11 @@ def train(
                      unlabelled=tuple(map(str, unlabelled or ())),
                      outliers=tuple(map(str, outliers or ())), outlier_weight=outlier_weight,
                      shallow_layers=shallow_layers, equal_steps=equal_steps, draw=draw,
-                     fractions=tuple(fraction or (1.0, 0.1)), self_train=self_train,
+                     fractions=tuple(fraction or Protocol.fractions), self_train=self_train,
                      self_train_rounds=self_train_rounds)
+    if self_train is not None and min(proto.fractions) >= 1:
+        raise fail("--self-train needs a label fraction under 1 (--fraction 0.1): with every "
+                   "label there are no flows to label", Exit.USAGE)
     try:  # bad K, B, preset or --shallow-layers: one line now, not a failure hours later
         proto.flow_settings(honest=True)
         proto.shallow(ModelConfig.preset(preset, vocab_size=vocab_size))

@@ -269,13 +269,17 @@ def random_forest(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
     return rf.fit(x_train, y_train).predict(x_test)
 
 
+def run_logits(model_dir: Path, ids: np.ndarray, ctx: np.ndarray | None) -> torch.Tensor:
+    """Class logits of the fine-tuned model in model_dir (its best.pt) for these rows."""
+    model = prepare_for_inference(load_checkpoint(model_dir / "best.pt")[0])
+    return predict_logits(model, torch.from_numpy(ids.astype(np.int64)),
+                          ctx=None if ctx is None else torch.from_numpy(ctx))
+
+
 def evaluate_split(model_dir: Path, ids: np.ndarray, ctx: np.ndarray | None, labels: np.ndarray,
                    classes: list[str], n_dropped: int) -> dict:
-    model, _ = load_checkpoint(model_dir / "best.pt")
-    model = prepare_for_inference(model)
-    ctx_t = None if ctx is None else torch.from_numpy(ctx)
-    pred = predict_logits(model, torch.from_numpy(ids.astype(np.int64)), ctx=ctx_t)
-    return evaluate.metrics(labels, pred.argmax(-1).numpy(), classes, n_dropped=n_dropped)
+    pred = run_logits(model_dir, ids, ctx).argmax(-1).numpy()
+    return evaluate.metrics(labels, pred, classes, n_dropped=n_dropped)
 
 
 def _splits(ds: Dataset, mode: str, seed: int) -> dict[str, np.ndarray]:
@@ -402,10 +406,7 @@ def pseudo_labelled(teacher: Path, ids: np.ndarray, ctx: np.ndarray | None, pool
                     min_prob: float) -> tuple[np.ndarray, np.ndarray]:
     """The rows of pool that the fine-tuned model in teacher/ gives at least min_prob, and the
     classes it gives them: self-training's extra flows (their own labels are never read)."""
-    model, _ = load_checkpoint(teacher / "best.pt")
-    logits = predict_logits(prepare_for_inference(model),
-                            torch.from_numpy(ids[pool].astype(np.int64)),
-                            ctx=None if ctx is None else torch.from_numpy(ctx[pool]))
+    logits = run_logits(teacher, ids[pool], _rows(ctx, pool))
     prob, label = torch.softmax(logits, -1).max(-1)
     keep = (prob >= min_prob).numpy()
     return pool[keep], label.numpy()[keep]
