@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -323,9 +324,9 @@ def test_an_interrupted_run_resumes_with_the_same_plan(tmp_path, stand_in, sig):
     planned = plan(settings, conditions.available_congestion())
     assert sorted(ids) == sorted(j.id for j in planned)  # each session of the plan, once
     assert doc["sessions"][: len(before["sessions"])] == before["sessions"]  # kept as they were
-    netem = doc["lab"]["netem"]  # without sch_netem the record says what the link did
+    how = doc["lab"]["impairment"]  # with nothing to delay, the record says what the link did
     drawn = {
-        j.id: (j.params, (j.conditions if netem else j.conditions.without_netem()).to_dict())
+        j.id: (j.params, (j.conditions if how else j.conditions.without_netem()).to_dict())
         for j in planned
     }
     assert all(drawn[s["id"]] == (s["params"], s["conditions"]) for s in doc["sessions"])
@@ -502,9 +503,10 @@ class LinkProbe(EchoTls):
         qdisc = run(client.ns, ["tc", "qdisc", "show", "dev", client.ifname]).stdout
         route = run(client.ns, ["ip", "route", "show", "exact", str(SERVER_NET)]).stdout
         back = run(ctx.lab.server, ["ip", "route", "show", "exact", client.subnet]).stdout
+        rules = run(ctx.lab.router, [conditions.IPTABLES, "-w", "-S", "FORWARD"]).stdout
         with open(self.seen, "a") as fh:
             fh.write(json.dumps({"tag": params["tag"], "link": link, "qdisc": qdisc,
-                                 "route": route, "back": back}) + "\n")  # fmt: skip
+                                 "route": route, "back": back, "rules": rules}) + "\n")  # fmt: skip
         return super().session(ctx, client, params)
 
 
@@ -526,6 +528,9 @@ def test_each_session_runs_under_its_own_conditions(tmp_path, monkeypatch, stand
             lab.run(client.ns, ["ip", "-o", "link", "show", "dev", client.ifname]).stdout,
             lab.run(client.ns, ["ip", "route", "show", "exact", str(SERVER_NET)]).stdout,
             lab.run(lab.server, ["ip", "route", "show", "exact", client.subnet]).stdout,
+            [r for r in lab.run(lab.router, [conditions.IPTABLES, "-w", "-S", "FORWARD"]).stdout
+             .splitlines() if f" c{client.index} " in r],  # fmt: skip
+            client.index in lab.delay_lines,
         )
 
     monkeypatch.setattr(conditions, "reset", reset)
@@ -533,7 +538,8 @@ def test_each_session_runs_under_its_own_conditions(tmp_path, monkeypatch, stand
                             clients=2, seed=11))  # fmt: skip
     seen = {r["tag"]: r for r in map(json.loads, LinkProbe.seen.read_text().splitlines())}
     assert doc["settings"]["conditions"] == "random"
-    assert doc["lab"]["netem"] in (True, False) and "cubic" in doc["lab"]["congestion"]
+    how = doc["lab"]["impairment"]
+    assert how in ("netem", "nfqueue", None) and "cubic" in doc["lab"]["congestion"]
     assert len({s["conditions"]["mtu"] for s in doc["sessions"]}) > 1
     for s in doc["sessions"]:
         assert s["valid"], s
@@ -542,15 +548,118 @@ def test_each_session_runs_under_its_own_conditions(tmp_path, monkeypatch, stand
         assert 1 <= c["rate_mbit"] <= 100 and c["congestion"] in doc["lab"]["congestion"]
         assert f"congctl {c['congestion']}" in probe["route"]
         assert f"congctl {c['congestion']}" in probe["back"]
-        if doc["lab"]["netem"]:
-            assert "netem" in probe["qdisc"] and 1 <= c["delay_ms"] <= 150
-            assert 0 <= c["loss_pct"] <= 2
-        else:  # this kernel has no sch_netem: tbf, and the record says no delay or loss
-            assert "tbf" in probe["qdisc"]
+        if how:
+            assert 1 <= c["delay_ms"] <= 150 and 0 <= c["loss_pct"] <= 2
+        else:  # neither netem nor a delay line: the record says no delay or loss
             assert c["delay_ms"] == c["jitter_ms"] == c["loss_pct"] == 0
+        assert ("netem" if how == "netem" else "tbf") in probe["qdisc"]
+        queued = f"-i c{s['client']} -j NFQUEUE --queue-num {2 * s['client']}"
+        assert (queued in probe["rules"]) == (how == "nfqueue"), probe["rules"]
     assert sorted(after) == [0, 1]
-    for link, route, back in after.values():
+    for link, route, back, rules, line in after.values():
         assert " mtu 1500 " in link and "congctl" not in route + back
+        assert not rules and not line
+
+
+ECHO_SERVER = """
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 9000))
+while True:
+    data, peer = s.recvfrom(64)
+    s.sendto(data, peer)
+"""
+ECHO_CLIENT = """
+import socket, statistics, struct, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(1.0)
+rtts = []
+for i in range(20):  # one at a time: round trips
+    t = time.monotonic()
+    s.sendto(struct.pack("!I", i), (sys.argv[1], 9000))
+    try:
+        while struct.unpack("!I", s.recv(64))[0] != i:
+            pass
+        rtts.append(time.monotonic() - t)
+    except TimeoutError:
+        pass
+s.settimeout(0.001)
+back = set()
+def drain(until):
+    while time.monotonic() < until:
+        try:
+            back.add(struct.unpack("!I", s.recv(64))[0])
+        except TimeoutError:
+            pass
+for i in range(1000, 1400):  # a stream: how many come back
+    s.sendto(struct.pack("!I", i), (sys.argv[1], 9000))
+    drain(time.monotonic() + 0.001)
+drain(time.monotonic() + 1.0)
+print(statistics.median(rtts) * 1000 if rtts else -1, 400 - len(back & set(range(1000, 1400))))
+"""
+
+
+def _echo(lab, client) -> tuple[float, int]:
+    """(median round trip in ms, datagrams of 400 lost) from `client` to the server."""
+    res = lab.run(client.ns, [sys.executable, "-c", ECHO_CLIENT, lab.server_addr])
+    assert res.returncode == 0, res.stderr
+    rtt, lost = res.stdout.split()
+    return float(rtt), int(lost)
+
+
+@netns
+def test_delay_line_delays_and_drops_then_goes_away():
+    """Without sch_netem, the router's user-space delay line (iptables NFQUEUE) puts the drawn
+    delay on both directions of one client's link and drops the drawn share, and only there;
+    the reset takes rules and process away and the link is plain again."""
+    from flagd.lab.conditions import Conditions
+
+    with build_lab(2) as lab:
+        if not conditions.nfqueue_available(lab):
+            pytest.skip(f"no {conditions.IPTABLES} or no NFQUEUE in this kernel")
+        lab.popen(lab.server, [sys.executable, "-c", ECHO_SERVER])
+        time.sleep(0.3)
+        slow, other = lab.clients
+        plain_rtt, plain_lost = _echo(lab, slow)
+        conditions.apply(lab, slow, Conditions(25.0, 2.0, 0.0, 50.0, 1400, "cubic"), "nfqueue")
+        rtt, lost = _echo(lab, slow)
+        other_rtt, _ = _echo(lab, other)
+        assert 48 <= rtt <= 80 and lost == 0, (rtt, lost)  # 2 x 25 ms, jitter +-2 each way
+        assert other_rtt < 10 and plain_rtt < 10 and plain_lost == 0
+        conditions.reset(lab, slow, 50.0)
+        conditions.apply(lab, slow, Conditions(1.0, 0.0, 20.0, 50.0, 1500, "cubic"), "nfqueue")
+        _, lost = _echo(lab, slow)
+        # 20% each way: 36% of round trips lost (144 of 400; 3 sigma ~ 29)
+        assert 105 <= lost <= 185, lost
+        (line,) = lab.delay_lines.values()
+        conditions.reset(lab, slow, 50.0)
+        assert line.poll() is not None and not lab.delay_lines
+        rules = lab.run(lab.router, [conditions.IPTABLES, "-w", "-S", "FORWARD"]).stdout
+        assert "NFQUEUE" not in rules
+        assert _echo(lab, slow)[0] < 10
+
+
+def test_delay_line_reads_the_kernels_messages():
+    """nfnetlink_queue framing: the packet ids and queue numbers of a read holding two queued
+    packets; a negative acknowledgement raises with its errno; verdicts carry the id."""
+    from flagd.lab import delayline as dl
+
+    def packet(queue: int, packet_id: int) -> bytes:
+        hdr = dl._attr(dl.NFQA_PACKET_HDR, struct.pack("!IHB", packet_id, 0x0800, 2))
+        mark = dl._attr(3, struct.pack("!I", 7))  # NFQA_MARK, skipped
+        return dl._message(dl.NFQNL_MSG_PACKET, queue, mark + hdr)
+
+    assert dl.parse(packet(6, 41) + packet(7, 42)) == [(6, 41), (7, 42)]
+    ack = struct.pack("=IHHII", 36, dl.NLMSG_ERROR, 0, 1, 0) + struct.pack("=i", 0) + bytes(16)
+    assert dl.parse(ack) == []
+    nack = ack[:16] + struct.pack("=i", -16) + ack[20:]
+    with pytest.raises(OSError) as err:
+        dl.parse(nack)
+    assert err.value.errno == 16
+    verdict = dl.verdict_message(7, 42, dl.NF_DROP)
+    assert verdict.endswith(struct.pack("!II", dl.NF_DROP, 42))
+    assert struct.unpack_from("!H", verdict, 18)[0] == 7
+    assert len(dl.config_messages(3)) == 3
 
 
 def test_conditions_are_drawn_in_their_ranges_and_none_draws_nothing(stand_in):

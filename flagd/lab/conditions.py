@@ -8,8 +8,11 @@ are reset when the session ends:
 
 - delay, jitter and loss: netem on both ends of the link (so the round trip grows by twice the
   delay), with netem's own `rate` as the rate limit. Kernels without sch_netem (this project's
-  build VM has none: `netem_available`) get the rate from tbf alone, and the session's record says
-  delay, jitter and loss were 0: the manifest shows what the link did, not what was drawn.
+  build VM has none) get the rate from tbf and the rest from `delayline`: the router queues the
+  link's forwarded packets to a user-space process (iptables' NFQUEUE) that holds each for the
+  delay in both directions and drops the loss. Where neither works (`impairment` is None) the
+  session's record says delay, jitter and loss were 0: the manifest shows what the link did, not
+  what was drawn.
 - MTU (1280-1500) on both ends of the link; the server learns it by path-MTU discovery.
 - TCP congestion control: `congctl` on the client's route to the server and on the server's
   route to the client (the server namespace is shared by every client, a route is not). Not the
@@ -25,7 +28,9 @@ from __future__ import annotations
 
 import math
 import random
+import shutil
 import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -72,13 +77,14 @@ class Conditions:
         return round(max(0.1, min(self.rate_mbit, 0.7 * mathis)), 2)
 
     def without_netem(self) -> Conditions:
-        """What a kernel without sch_netem applies: no delay, jitter or loss."""
+        """What a link without netem or a delay line gets: no delay, jitter or loss."""
         return replace(self, delay_ms=0.0, jitter_ms=0.0, loss_pct=0.0)
 
 
 def available_congestion(probe: bool = True) -> tuple[str, ...]:
     """The congestion controls of CONGESTION this kernel offers (cubic and reno always are).
     bbr is often a module: one quiet `modprobe tcp_bbr` (root only) before giving up on it."""
+
     def offered() -> set[str]:
         try:
             return set(AVAILABLE_CC.read_text().split())
@@ -133,6 +139,38 @@ def netem_available(lab: Lab) -> bool:
     return True
 
 
+IPTABLES = "iptables-legacy"  # xt's NFQUEUE target: kernels without nft's queue expression have it
+
+
+def _queue_rules(ifname: str, queues: tuple[int, int], add: bool) -> list[list[str]]:
+    """The router's rules sending what it forwards from and to `ifname` to two queues."""
+    op = "-A" if add else "-D"
+    return [[IPTABLES, "-w", op, "FORWARD", flag, ifname, "-j", "NFQUEUE", "--queue-num", str(q)]
+            for flag, q in (("-i", queues[0]), ("-o", queues[1]))]  # fmt: skip
+
+
+def nfqueue_available(lab: Lab) -> bool:
+    """Whether the router can queue forwarded packets to user space: the rule goes in (on
+    loopback, which forwards nothing) and a delay line binds a queue."""
+    if shutil.which(IPTABLES) is None:
+        return False
+    rules = _queue_rules("lo", (0, 1), add=True)
+    if any(lab.run(lab.router, r).returncode for r in rules):
+        return False
+    for r in _queue_rules("lo", (0, 1), add=False):
+        lab.run(lab.router, r)
+    probe = [sys.executable, "-m", "flagd.lab.delayline", "--queues", "0,1", "--probe"]
+    return lab.run(lab.router, probe).returncode == 0
+
+
+def impairment(lab: Lab) -> str | None:
+    """What puts delay, jitter and loss on a link here: "netem", "nfqueue" (`delayline`) or
+    None (nothing can: sessions get rate, MTU and congestion control only)."""
+    if netem_available(lab):
+        return "netem"
+    return "nfqueue" if nfqueue_available(lab) else None
+
+
 def _ends(lab: Lab, client: Client) -> list[tuple[str, str]]:
     """(namespace, interface) of both ends of `client`'s link: the router's end shapes what goes
     to the client, the client's end what it sends."""
@@ -145,12 +183,15 @@ def _must(lab: Lab, ns: str, argv: list[str]) -> None:
         raise LabError(f"{' '.join(argv[:4])} failed in {ns}: {res.stderr.strip()}")
 
 
-def apply(lab: Lab, client: Client, c: Conditions, netem: bool) -> None:
-    """Put `c` on `client`'s link (netem, or tbf where `netem` is False), its MTU, and the
-    congestion control of the routes between the client and the server."""
+def apply(lab: Lab, client: Client, c: Conditions, how: str | None, seed: int = 0) -> None:
+    """Put `c` on `client`'s link: its delay, jitter and loss `how` `impairment` says (netem
+    shapes the rate too, otherwise tbf does), its MTU, and the congestion control of the routes
+    between the client and the server. `seed`: the delay line's loss and jitter draws."""
     for ns, ifname in _ends(lab, client):
-        _must(lab, ns, netem_argv(ifname, c) if netem else tbf_argv(ifname, c.rate_mbit))
+        _must(lab, ns, netem_argv(ifname, c) if how == "netem" else tbf_argv(ifname, c.rate_mbit))
         _must(lab, ns, ["ip", "link", "set", "dev", ifname, "mtu", str(c.mtu)])
+    if how == "nfqueue" and (c.delay_ms or c.jitter_ms or c.loss_pct):
+        _start_delay_line(lab, client, c, seed)
     congestion(lab, client.ns, str(SERVER_NET), c.congestion)
     lab.congestion[client.index] = c.congestion
     lab.route_to(client)
@@ -159,12 +200,45 @@ def apply(lab: Lab, client: Client, c: Conditions, netem: bool) -> None:
 def reset(lab: Lab, client: Client, rate_mbit: float) -> None:
     """Back to the plain link: tbf at `rate_mbit`, MTU 1500, no congctl on either route. Runs
     after every session with conditions."""
+    _stop_delay_line(lab, client)
     for ns, ifname in _ends(lab, client):
         lab.run(ns, tbf_argv(ifname, rate_mbit))
         lab.run(ns, ["ip", "link", "set", "dev", ifname, "mtu", str(DEFAULT_MTU)])
     congestion(lab, client.ns, str(SERVER_NET), None)
     lab.congestion.pop(client.index, None)
     lab.route_to(client)
+
+
+def _queues(client: Client) -> tuple[int, int]:
+    return 2 * client.index, 2 * client.index + 1  # from the client, to the client
+
+
+def _start_delay_line(lab: Lab, client: Client, c: Conditions, seed: int) -> None:
+    """A delay line for `client`'s link in the router, then the rules that feed it (in that
+    order: a queue nobody reads drops what reaches it)."""
+    argv = [sys.executable, "-m", "flagd.lab.delayline",
+            "--queues", ",".join(map(str, _queues(client))), "--delay-ms", str(c.delay_ms),
+            "--jitter-ms", str(c.jitter_ms), "--loss-pct", str(c.loss_pct), "--seed", str(seed)]  # fmt: skip
+    with open(lab.state / f"delayline-c{client.index}.log", "ab") as log:  # its counts, errors
+        proc = lab.popen(lab.router, argv, must_live=False, stdout=subprocess.PIPE, stderr=log,
+                         text=True)  # fmt: skip
+    lab.delay_lines[client.index] = proc
+    if proc.stdout.readline().strip() != "ready":
+        _stop_delay_line(lab, client)
+        raise LabError(f"the delay line for {client.ns} did not start")
+    for rule in _queue_rules(f"c{client.index}", _queues(client), add=True):
+        _must(lab, lab.router, rule)
+
+
+def _stop_delay_line(lab: Lab, client: Client) -> None:
+    """Rules out first (packets forward directly again), then the line lets what it holds go."""
+    proc = lab.delay_lines.pop(client.index, None)
+    if proc is None:
+        return
+    for rule in _queue_rules(f"c{client.index}", _queues(client), add=False):
+        lab.run(lab.router, rule)
+    proc.terminate()
+    lab.reap(proc, timeout=5)
 
 
 def congestion(lab: Lab, ns: str, dst: str, algorithm: str | None) -> None:
@@ -177,7 +251,9 @@ def congestion(lab: Lab, ns: str, dst: str, algorithm: str | None) -> None:
     if "congctl" in words:  # "congctl [lock] NAME"
         k = words.index("congctl")
         del words[k : k + (3 if words[k + 1] == "lock" else 2)]
-    _must(lab, ns, ["ip", "route", "replace", *words, *(["congctl", algorithm] if algorithm else [])])
+    _must(
+        lab, ns, ["ip", "route", "replace", *words, *(["congctl", algorithm] if algorithm else [])]
+    )
 
 
 def tunnel_route(addr: str, algorithm: str, add: bool) -> list[str]:

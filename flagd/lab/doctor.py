@@ -54,6 +54,7 @@ REQUIREMENTS: dict[str, Requirement] = {
         Requirement("tc", "iproute2", _which("tc")),
         Requirement("setpriv", "util-linux", _which("setpriv")),
         Requirement("ethtool", "ethtool", _which("ethtool")),
+        Requirement("iptables-legacy", "iptables", _which("iptables-legacy")),
         Requirement("openssl", "openssl", _which("openssl")),
         Requirement("prosody", "prosody", _which("prosody")),
         Requirement("prosodyctl", "prosody", _which("prosodyctl")),
@@ -112,9 +113,11 @@ REQUIREMENTS: dict[str, Requirement] = {
 }
 # Needed by every lab run whatever the classes: namespaces, shaping, certificates.
 BASE = ("ip", "tc", "setpriv", "openssl")
-# Wanted by every run but not fatal: without ethtool segmentation offloads stay on (pyroute2
-# cannot turn TSO off on a veth) and captures may hold 64 KiB frames; the manifest says so.
-RECOMMENDED = ("ethtool",)
+# Wanted by every run but not fatal, and the manifest says when they were missing: without
+# ethtool segmentation offloads stay on (pyroute2 cannot turn TSO off on a veth) and captures
+# may hold 64 KiB frames; without iptables a kernel lacking sch_netem gets no delay, jitter or
+# loss (`conditions`: the delay line is fed by iptables' NFQUEUE target).
+RECOMMENDED = ("ethtool", "iptables-legacy")
 # Libraries and plugins a program needs: swaks talks STARTTLS only with these two Perl
 # libraries present; charon needs its user-space ESP and openssl plugins.
 EXTRA = {

@@ -27,6 +27,7 @@ import signal
 import subprocess
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -36,7 +37,7 @@ from pathlib import Path
 from flagd.lab import conditions
 from flagd.lab.apps import APPS, CLASSES, App, RunContext
 from flagd.lab.apps.base import draw_tls
-from flagd.lab.conditions import Conditions, netem_available
+from flagd.lab.conditions import Conditions
 from flagd.lab.doctor import REQUIREMENTS, expand, require
 from flagd.lab.pki import make_pki
 from flagd.lab.record import Recorder, Rules, keep_first, session_stats, validate, write_pcap
@@ -293,9 +294,9 @@ def run_session(
     rate = job.params.get("rate_mbit", DEFAULT_RATE_MBIT)
     cond = job.conditions
     if cond is not None:
-        netem = ctx.shared["netem"]
-        cond = cond if netem else cond.without_netem()  # the record says what the link did
-        conditions.apply(lab, client, cond, netem)
+        how = ctx.shared["impairment"]
+        cond = cond if how else cond.without_netem()  # the record says what the link did
+        conditions.apply(lab, client, cond, how, seed=zlib.crc32(job.id.encode()))
     else:
         lab.shape(client, rate)
     started = time.time()
@@ -416,8 +417,9 @@ def generate(
                 "clients": [{"ns": c.ns, "iface": c.ifname, "addr": c.addr} for c in lab.clients],
                 # False: segmentation offloads stayed on (no ethtool), frames may exceed the MTU
                 "offloads_off": lab.offloads_off,
-                # False: no sch_netem in this kernel, sessions' conditions had no delay or loss
-                "netem": netem_available(lab),
+                # what put delay, jitter and loss on the links: "netem", "nfqueue" (no sch_netem
+                # in this kernel: a user-space delay line) or None (nothing: records say 0)
+                "impairment": conditions.impairment(lab),
                 "congestion": list(congestion),
             }
             ctx = RunContext(
@@ -428,7 +430,7 @@ def generate(
                 session_seconds=settings.seconds,
                 vary_tls=settings.conditions == "random",
             )
-            ctx.shared["netem"] = manifest.doc["lab"]["netem"]
+            ctx.shared["impairment"] = manifest.doc["lab"]["impairment"]
             for app in dict.fromkeys(apps):
                 app().start(ctx)
             if "wireguard" in settings.tunnels:

@@ -99,6 +99,8 @@ class Lab:
     offloads_off: bool
     # client index -> TCP congestion control of the server's route to it (session conditions)
     congestion: dict[int, str] = field(default_factory=dict)
+    # client index -> the user-space delay line on its link (`conditions`, kernels without netem)
+    delay_lines: dict[int, subprocess.Popen] = field(default_factory=dict)
     _procs: list[subprocess.Popen] = field(default_factory=list)
 
     @property
