@@ -637,6 +637,12 @@ def test_delay_line_delays_and_drops_then_goes_away():
         rules = lab.run(lab.router, [conditions.IPTABLES, "-w", "-S", "FORWARD"]).stdout
         assert "NFQUEUE" not in rules
         assert _echo(lab, slow)[0] < 10
+        # a line that dies mid-session cut the link: the reset says so, and still cleans up
+        conditions.apply(lab, slow, Conditions(5.0, 0.0, 0.0, 50.0, 1500, "cubic"), "nfqueue")
+        lab.delay_lines[slow.index].kill()
+        with pytest.raises(topology.LabError, match="delay line .* exited with status -9"):
+            conditions.reset(lab, slow, 50.0)
+        assert not lab.delay_lines and _echo(lab, slow)[0] < 10
 
 
 def test_delay_line_reads_the_kernels_messages():

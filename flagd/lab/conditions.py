@@ -200,13 +200,17 @@ def apply(lab: Lab, client: Client, c: Conditions, how: str | None, seed: int = 
 def reset(lab: Lab, client: Client, rate_mbit: float) -> None:
     """Back to the plain link: tbf at `rate_mbit`, MTU 1500, no congctl on either route. Runs
     after every session with conditions."""
-    _stop_delay_line(lab, client)
+    died = _stop_delay_line(lab, client)
     for ns, ifname in _ends(lab, client):
         lab.run(ns, tbf_argv(ifname, rate_mbit))
         lab.run(ns, ["ip", "link", "set", "dev", ifname, "mtu", str(DEFAULT_MTU)])
     congestion(lab, client.ns, str(SERVER_NET), None)
     lab.congestion.pop(client.index, None)
     lab.route_to(client)
+    if died is not None:  # its queues dropped every packet since: the session's link was cut
+        log = lab.state / f"delayline-c{client.index}.log"
+        raise LabError(f"the delay line of {client.ns} exited with status {died} during the "
+                       f"session (its log: {log})")  # fmt: skip
 
 
 def _queues(client: Client) -> tuple[int, int]:
@@ -230,15 +234,18 @@ def _start_delay_line(lab: Lab, client: Client, c: Conditions, seed: int) -> Non
         _must(lab, lab.router, rule)
 
 
-def _stop_delay_line(lab: Lab, client: Client) -> None:
-    """Rules out first (packets forward directly again), then the line lets what it holds go."""
+def _stop_delay_line(lab: Lab, client: Client) -> int | None:
+    """Rules out first (packets forward directly again), then the line lets what it holds go.
+    Returns the line's exit status if it had ended before it was told to (else None)."""
     proc = lab.delay_lines.pop(client.index, None)
     if proc is None:
-        return
+        return None
     for rule in _queue_rules(f"c{client.index}", _queues(client), add=False):
         lab.run(lab.router, rule)
+    died = proc.poll()
     proc.terminate()
     lab.reap(proc, timeout=5)
+    return died
 
 
 def congestion(lab: Lab, ns: str, dst: str, algorithm: str | None) -> None:
