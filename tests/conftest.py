@@ -61,3 +61,17 @@ def tiny_bundle(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundle") / "tiny"
     return save_bundle(out, ckpt, phrases, FlowSettings(ready_packets=3), max_len=64,
                        metrics={"note": "untrained"})
+
+
+@pytest.fixture
+def no_delay_line(monkeypatch):
+    """Lab sessions under the conditions the kernel applies itself (netem where it has one;
+    else rate, MTU and congestion control) without the user-space delay line: for tests of
+    other things (an app's session, its TLS, the daemon on the lab link) that the delay would
+    only slow down. The delay line has its own tests in test_lab.py."""
+    from flagd.lab import conditions
+
+    monkeypatch.setattr(
+        conditions, "impairment", lambda lab: "netem" if conditions.netem_available(lab) else None
+    )
+

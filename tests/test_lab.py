@@ -291,8 +291,10 @@ RESUMABLE = textwrap.dedent(
     sys.path.insert(0, {root!r})
     from pathlib import Path
     from tests.test_lab import EchoTls
-    from flagd.lab import apps
+    from flagd.lab import apps, conditions
     from flagd.lab.generate import Settings, generate
+    # what the no_delay_line fixture does: this test is about resuming, not the delay line
+    conditions.impairment = lambda lab: "netem" if conditions.netem_available(lab) else None
     apps.APPS[EchoTls.name] = EchoTls
     apps.CLASSES[EchoTls.label] = [EchoTls.name]
     try:
@@ -306,6 +308,7 @@ RESUMABLE = textwrap.dedent(
 
 @netns
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["sigint", "sigkill"])
+@pytest.mark.usefixtures("no_delay_line")  # the second sitting runs here
 def test_an_interrupted_run_resumes_with_the_same_plan(tmp_path, stand_in, sig):
     out = tmp_path / "run"
     script = RESUMABLE.format(root=str(ROOT), out=str(out))
@@ -594,7 +597,7 @@ def drain(until):
 for i in range(1000, 1400):  # a stream: how many come back
     s.sendto(struct.pack("!I", i), (sys.argv[1], 9000))
     drain(time.monotonic() + 0.001)
-drain(time.monotonic() + 1.0)
+drain(time.monotonic() + 0.5)
 print(statistics.median(rtts) * 1000 if rtts else -1, 400 - len(back & set(range(1000, 1400))))
 """
 
@@ -917,6 +920,7 @@ PLAIN_CLASSES = ("chat", "email", "file-transfer", "streaming", "voip", "torrent
 @netns
 @pytest.mark.slow
 @pytest.mark.parametrize("label", PLAIN_CLASSES)
+@pytest.mark.usefixtures("no_delay_line")
 def test_smoke_one_session_per_class(label, tmp_path):
     """One session of every app of the class whose programs are installed; the test is marked
     skipped, with the apt-get line, when some app of the class could not run."""
@@ -1114,6 +1118,7 @@ TLS_APPS = {
 @netns
 @pytest.mark.slow
 @pytest.mark.parametrize("app", list(TLS_APPS))
+@pytest.mark.usefixtures("no_delay_line")
 def test_sessions_speak_their_drawn_tls_version_and_suite(app, tmp_path):
     """With conditions, a client with TLS knobs gets a TLS version and suite per session; the
     captured ServerHello shows exactly those (1.3 suites only where the client can choose)."""
@@ -1144,6 +1149,7 @@ def test_sessions_speak_their_drawn_tls_version_and_suite(app, tmp_path):
     [("curl-imaps", "email"), ("curl-smtps", "email"), ("wget-https", "file-transfer"),
      ("icecast-ffmpeg", "streaming"), ("sendxmpp-tls", "chat"), ("rtorrent", "torrent")],
 )  # fmt: skip
+@pytest.mark.usefixtures("no_delay_line")
 def test_smoke_new_app(app, label, tmp_path):
     gone = doctor.missing(apps.APPS[app].programs)
     if gone:

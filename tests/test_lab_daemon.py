@@ -49,6 +49,7 @@ def endpoints(proto: int | str, a: tuple[str, int], b: tuple[str, int]) -> tuple
     return number, frozenset({a, b})
 
 
+@pytest.mark.usefixtures("no_delay_line")
 def test_the_daemon_classifies_every_flow_of_real_lab_sessions_once(tmp_path):
     gone = {n: doctor.missing(apps.APPS[n].programs) for n in APPS.values()}
     gone = {n: reqs for n, reqs in gone.items() if reqs}
