@@ -25,7 +25,9 @@ from flagd.experiment import implementation, lab_sessions, random_forest, rf_fea
 from flagd.phrases import PhraseDict
 
 
-def lab_groups(parts: list[Dataset], y: np.ndarray, trained: set) -> dict[str, np.ndarray]:
+def lab_groups(
+    parts: list[Dataset], y: np.ndarray, trained: set, vpn: str
+) -> dict[str, np.ndarray]:
     """Masks over the concatenated flows of `parts` by their lab session; {} if any is no lab run."""
     recs = []
     try:
@@ -38,7 +40,7 @@ def lab_groups(parts: list[Dataset], y: np.ndarray, trained: set) -> dict[str, n
     delay = np.array([c.get("delay_ms", 0.0) for c in cond])
     loss = np.array([c.get("loss_pct", 0.0) for c in cond])
     new_impl = np.array(
-        [(int(c), implementation(r)) not in trained for c, r in zip(y, recs, strict=True)]
+        [(int(c), implementation(r, vpn)) not in trained for c, r in zip(y, recs, strict=True)]
     )
     groups = {"delay < 10 ms": delay < 10, "delay 10-50 ms": (delay >= 10) & (delay < 50),
               "delay >= 50 ms": delay >= 50, "loss > 0": loss > 0, "loss = 0": loss == 0}  # fmt: skip
@@ -66,13 +68,14 @@ def main() -> None:
     y = np.concatenate([[ds.classes.index(d.classes[i]) for i in d.labels] for d in parts])
     flows = [f for d in parts for f in d.flows]
     sides = [s for d in parts for s in d.sides]
+    vpn = "client" if a.run.name == "loio-client" else "tunnel"  # what a vpn-* class holds out
     try:
         recs = lab_sessions(ds)
-        trained = {(int(ds.labels[i]), implementation(recs[ds.source[i]])) for i in tr}
+        trained = {(int(ds.labels[i]), implementation(recs[ds.source[i]], vpn)) for i in tr}
     except ValueError:
         trained = set()
     groups = {"run's test": None, "new flows": np.ones(len(y), bool)}
-    groups |= lab_groups(parts, y, trained) if trained else {}
+    groups |= lab_groups(parts, y, trained, vpn) if trained else {}
     print(
         f"{a.run}: train {len(tr)}, test {len(te)}; new flows {len(y)} from "
         + ", ".join(str(p) for p in a.data)

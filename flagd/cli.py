@@ -650,7 +650,7 @@ def train(
     pretrain_lr: float = 5e-4,
     finetune_lr: float = 3e-4,
     variant: Annotated[list[str] | None, typer.Option(help="flag, flag-flat, flag-shallow, no-pretrain, bytes-only and/or rf [default: all].")] = None,
-    mode: Annotated[list[str] | None, typer.Option(help="paper, honest, product and/or loio (leave one implementation out: lab runs only, masks as honest) [default: paper and honest].")] = None,
+    mode: Annotated[list[str] | None, typer.Option(help="paper, honest, product, loio and/or loio-client (leave one implementation out: lab runs only, masks as honest; a vpn-* class holds out a tunnel kind, with loio-client a client app inside the tunnels) [default: paper and honest].")] = None,
     labels: LabelsOpt = "dir",
     packets: Annotated[int, typer.Option(min=1, help="K: relevant packets per flow the model sees.")] = 5,
     packet_bytes: Annotated[int, typer.Option(help="B: bytes kept per packet, from the IP header.")] = 128,
@@ -681,7 +681,7 @@ def train(
     for p in tree:
         if not p.is_dir():
             raise fail(f"{p}: not a directory")
-    bad = set(variant or ()) - set(VARIANTS) or set(mode or ()) - {"paper", "honest", "product", "loio"}
+    bad = set(variant or ()) - set(VARIANTS) or set(mode or ()) - {"paper", "honest", "product", "loio", "loio-client"}
     if bad:
         raise fail(f"unknown variant or mode: {', '.join(sorted(bad))}", Exit.USAGE)
     proto = Protocol(preset=preset, vocab_size=vocab_size, max_len=max_len,

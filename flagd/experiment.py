@@ -184,33 +184,36 @@ def held_out_condition(record: dict) -> bool:
     return any(bins[k] == v for k, v in LOIO_HELD_OUT.items())
 
 
-def implementation(record: dict) -> str:
-    """What a class's flows are made by: the tunnel for vpn-* (the inner apps are the plain
-    classes'), else the client app."""
-    return record["tunnel"] if record["tunnel"] != "none" else record["app"]
+def implementation(record: dict, vpn: str = "tunnel") -> str:
+    """What a class's flows are made by: the client app; for a vpn-* class its tunnel kind
+    (`vpn="tunnel"`: the inner apps are the plain classes') or the client app inside it
+    (`vpn="client"`)."""
+    return record["tunnel"] if record["tunnel"] != "none" and vpn == "tunnel" else record["app"]
 
 
-def split_loio(ds: Dataset, seed: int) -> dict[str, np.ndarray]:
+def split_loio(ds: Dataset, seed: int, vpn: str = "tunnel") -> dict[str, np.ndarray]:
     """Whole implementations and whole network conditions in test, none of them in training.
 
-    Per class one implementation, drawn with the seed, goes entirely to test: a VPN class's
-    tunnel kind; a plain class's client app among those that share their server program with
-    another app of the class (a second client: `sendxmpp-tls` beside `xmpp-tls`, not IRC, whose
-    protocol no other chat app speaks). Every session in a LOIO_HELD_OUT condition bin goes to
-    test too. Of the other captures, LOIO_VAL of each class validates, the rest trains (and
+    Per class one implementation, drawn with the seed, goes entirely to test: a plain class's
+    client app among those that share their server program with another app of the class (a
+    second client: `sendxmpp-tls` beside `xmpp-tls`, not IRC, whose protocol no other chat app
+    speaks); a VPN class's tunnel kind (`vpn="tunnel"`, `--mode loio`) or, like a plain class,
+    the client app inside the tunnel, through every tunnel kind (`vpn="client"`, `--mode
+    loio-client`: the tunnels stay known). Every session in a LOIO_HELD_OUT condition bin goes
+    to test too. Of the other captures, LOIO_VAL of each class validates, the rest trains (and
     pre-trains: no unlabelled split).
     """
     from flagd.lab.apps import APPS  # the server program of each lab app
 
     rng = np.random.default_rng(seed)
     records = lab_sessions(ds)
-    impl = np.array([implementation(records[s]) for s in range(len(records))])[ds.source]
+    impl = np.array([implementation(records[s], vpn) for s in range(len(records))])[ds.source]
     held_bin = np.array([held_out_condition(r) for r in records])[ds.source]
     test = held_bin.copy()
     for c in range(len(ds.classes)):
         rows = ds.labels == c
         kinds = sorted(set(impl[rows]))
-        if ds.classes[c].startswith("vpn-"):
+        if ds.classes[c].startswith("vpn-") and vpn == "tunnel":
             pool = kinds
         else:
             server = {k: APPS[k].programs[0] if k in APPS else k for k in kinds}
@@ -285,8 +288,8 @@ def evaluate_split(model_dir: Path, ids: np.ndarray, ctx: np.ndarray | None, lab
 def _splits(ds: Dataset, mode: str, seed: int) -> dict[str, np.ndarray]:
     if mode == "honest":
         return split_grouped(ds, seed)
-    if mode == "loio":
-        return split_loio(ds, seed)
+    if mode in ("loio", "loio-client"):
+        return split_loio(ds, seed, vpn="client" if mode == "loio-client" else "tunnel")
     return split_random(ds, seed, PRODUCT_SHARES if mode == "product" else SHARES)
 
 
@@ -486,7 +489,7 @@ def run_protocol(tree: list[Path], out: Path, p: Protocol, label_kind: str = "di
     rows = []
     for mode in p.modes:
         # loio splits lab runs, whose random server ports are one per app and run: mask them
-        settings = p.flow_settings(honest=mode in ("honest", "loio"))
+        settings = p.flow_settings(honest=mode in ("honest", "loio", "loio-client"))
         ds = _dataset(out / mode / "dataset.npz",
                       lambda settings=settings: build(tree, settings, label=labeller(label_kind)))
         log(f"[{mode}] dataset: {len(ds)} flows, {ds.stats.get('duplicates', 0)} duplicates "

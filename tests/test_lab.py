@@ -1182,14 +1182,14 @@ def test_loio_split_holds_out_whole_implementations_and_condition_bins(tmp_path)
     from flagd.dataset import Dataset
     from flagd.experiment import condition_bins, split_loio
 
-    # chat: three apps, IRC with a server of its own; vpn-chat: three tunnels
-    kinds = {"chat": [("xmpp-tls", "none"), ("sendxmpp-tls", "none"), ("irc-tls", "none")],
-             "vpn-chat": [("xmpp-tls", "wireguard"), ("xmpp-tls", "openvpn"), ("xmpp-tls", "ipsec")]}
+    # chat: three apps, IRC with a server of its own; vpn-chat: the same through three tunnels
+    apps_ = ["xmpp-tls", "sendxmpp-tls", "irc-tls"]
+    kinds = {"chat": ["none"], "vpn-chat": ["wireguard", "openvpn", "ipsec"]}
     rng = random.Random(0)
     records, sources = [], []
-    for label, pairs in kinds.items():
+    for label, tunnels in kinds.items():
         for k in range(60):
-            app, tunnel = pairs[k % 3]
+            app, tunnel = apps_[k % 3], tunnels[k // 3 % len(tunnels)]
             cond = conditions.draw(rng, ("cubic", "reno")).to_dict()
             records.append({"id": f"{label}-{k}", "app": app, "tunnel": tunnel, "conditions": cond})
             sources.append(str(tmp_path / "run" / label / f"{label}-{k}.pcap"))
@@ -1200,20 +1200,23 @@ def test_loio_split_holds_out_whole_implementations_and_condition_bins(tmp_path)
     n = len(source)
     ds = Dataset([[b""]] * n, [[]] * n, labels, list(kinds), source, sources, np.zeros(n), {})
 
-    split = split_loio(ds, seed=0)
-    assert sorted(np.concatenate(list(split.values())).tolist()) == list(range(n))
-    assert len(split["unlabelled"]) == 0 and len(split["val"]) and len(split["train"])
-    impl = [records[s]["tunnel"] if records[s]["tunnel"] != "none" else records[s]["app"]
-            for s in source]
-    trained = np.concatenate([split["train"], split["val"]])
-    for c in (0, 1):  # one implementation per class only in test; IRC (no second client) never
-        held = {impl[i] for i in split["test"] if labels[i] == c}
-        held -= {impl[i] for i in trained if labels[i] == c}
-        assert len(held) == 1 and held != {"irc-tls"}
-    for i in trained:  # the held-out condition bins only in test
-        bins = condition_bins(records[source[i]])
-        assert bins["rate_mbit"] != "1-2 Mbit/s" and bins["mtu"] != "1280-1319"
-    assert set(source[split["val"]]).isdisjoint(source[split["train"]])  # whole captures
+    for vpn in ("tunnel", "client"):  # a vpn-* class holds out a tunnel kind, or a client app
+        split = split_loio(ds, seed=0, vpn=vpn)
+        assert sorted(np.concatenate(list(split.values())).tolist()) == list(range(n))
+        assert len(split["unlabelled"]) == 0 and len(split["val"]) and len(split["train"])
+        trained = np.concatenate([split["train"], split["val"]])
+        for c, key in ((0, "app"), (1, "tunnel" if vpn == "tunnel" else "app")):
+            # one implementation per class only in test; IRC (no second client) never
+            held = {records[source[i]][key] for i in split["test"] if labels[i] == c}
+            held -= {records[source[i]][key] for i in trained if labels[i] == c}
+            assert len(held) == 1 and held != {"irc-tls"}, (vpn, c, held)
+        if vpn == "client":  # the tunnels stay known: every kind is trained
+            assert {records[source[i]]["tunnel"] for i in trained if labels[i] == 1} == set(
+                kinds["vpn-chat"])
+        for i in trained:  # the held-out condition bins only in test
+            bins = condition_bins(records[source[i]])
+            assert bins["rate_mbit"] != "1-2 Mbit/s" and bins["mtu"] != "1280-1319"
+        assert set(source[split["val"]]).isdisjoint(source[split["train"]])  # whole captures
 
     elsewhere = [str(tmp_path / "elsewhere" / "x" / "y.pcap")] * len(sources)
     bad = Dataset(ds.flows, ds.sides, labels, ds.classes, source, elsewhere, ds.start, {})
