@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import random
+import select
 import shutil
 import subprocess
 import sys
@@ -227,7 +228,8 @@ def _start_delay_line(lab: Lab, client: Client, c: Conditions, seed: int) -> Non
         proc = lab.popen(lab.router, argv, must_live=False, stdout=subprocess.PIPE, stderr=log,
                          text=True)  # fmt: skip
     lab.delay_lines[client.index] = proc
-    if proc.stdout.readline().strip() != "ready":
+    started = select.select([proc.stdout], [], [], 10)[0]  # it binds its queues in milliseconds
+    if not started or proc.stdout.readline().strip() != "ready":
         _stop_delay_line(lab, client)
         raise LabError(f"the delay line for {client.ns} did not start")
     for rule in _queue_rules(f"c{client.index}", _queues(client), add=True):
