@@ -20,6 +20,7 @@ on drops everything) and runs until SIGTERM.
 from __future__ import annotations
 
 import argparse
+import errno
 import heapq
 import random
 import select
@@ -80,7 +81,7 @@ def parse(buf: bytes) -> list[tuple[int, int]]:
         if kind == NLMSG_ERROR:
             (err,) = struct.unpack_from("=i", buf, off + 16)
             if err:
-                raise OSError(-err, f"nfnetlink_queue: {socket.errno.errorcode.get(-err, err)}")
+                raise OSError(-err, f"nfnetlink_queue: {errno.errorcode.get(-err, err)}")
         elif kind == (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET:
             (res_id,) = struct.unpack_from("!H", buf, off + 18)
             a, end = off + 20, off + length
