@@ -1139,28 +1139,6 @@ def test_sessions_speak_their_drawn_tls_version_and_suite(app, tmp_path):
             pytest.fail(f"{s['id']}: a TLS 1.2 session without a drawn suite")
 
 
-# -- the apps added for issue 15: one short, validated session each ------------------------------
-
-
-@netns
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    ("app", "label"),
-    [("curl-imaps", "email"), ("curl-smtps", "email"), ("wget-https", "file-transfer"),
-     ("icecast-ffmpeg", "streaming"), ("sendxmpp-tls", "chat"), ("rtorrent", "torrent")],
-)  # fmt: skip
-@pytest.mark.usefixtures("no_delay_line")
-def test_smoke_new_app(app, label, tmp_path):
-    gone = doctor.missing(apps.APPS[app].programs)
-    if gone:
-        pytest.skip(f"{app} needs: {doctor.apt_line(gone)}")
-    doc = generate(Settings(out=tmp_path, classes=(label,), apps=(app,), sessions=1, seconds=4))
-    (s,) = doc["sessions"]
-    assert s["valid"], s["reason"]
-    assert s["app"] == app and (tmp_path / s["pcap"]).stat().st_size > 1000
-    assert all(is_lab_address(f["src"]) and is_lab_address(f["dst"]) for f in s["flows"])
-
-
 def test_doctor_knows_the_ipsec_tunnel(monkeypatch):
     """charon lives outside PATH and needs two plugin packages: doctor names all three."""
     for name in ("charon", "charon kernel-libipsec", "charon openssl"):
