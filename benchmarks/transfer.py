@@ -21,7 +21,14 @@ import numpy as np
 
 from flagd import evaluate, inputs
 from flagd.dataset import Dataset
-from flagd.experiment import implementation, lab_sessions, random_forest, rf_features, run_logits
+from flagd.experiment import (
+    LOIO_MODES,
+    implementation,
+    lab_sessions,
+    random_forest,
+    rf_features,
+    run_logits,
+)
 from flagd.phrases import PhraseDict
 
 
@@ -68,7 +75,7 @@ def main() -> None:
     y = np.concatenate([[ds.classes.index(d.classes[i]) for i in d.labels] for d in parts])
     flows = [f for d in parts for f in d.flows]
     sides = [s for d in parts for s in d.sides]
-    vpn = "client" if a.run.name == "loio-client" else "tunnel"  # what a vpn-* class holds out
+    vpn = LOIO_MODES.get(a.run.name, "tunnel")  # what a vpn-* class holds out
     try:
         recs = lab_sessions(ds)
         trained = {(int(ds.labels[i]), implementation(recs[ds.source[i]], vpn)) for i in tr}

@@ -672,7 +672,7 @@ def train(
     from rich.console import Console
 
     from flagd.evaluate import compare_table
-    from flagd.experiment import VARIANTS, Protocol, run_protocol
+    from flagd.experiment import MODES, VARIANTS, Protocol, run_protocol
     from flagd.model import ModelConfig
 
     for p in [*tree, *(unlabelled or []), *(outliers or [])]:
@@ -681,7 +681,7 @@ def train(
     for p in tree:
         if not p.is_dir():
             raise fail(f"{p}: not a directory")
-    bad = set(variant or ()) - set(VARIANTS) or set(mode or ()) - {"paper", "honest", "product", "loio", "loio-client"}
+    bad = set(variant or ()) - set(VARIANTS) or set(mode or ()) - set(MODES)
     if bad:
         raise fail(f"unknown variant or mode: {', '.join(sorted(bad))}", Exit.USAGE)
     proto = Protocol(preset=preset, vocab_size=vocab_size, max_len=max_len,

@@ -50,6 +50,9 @@ SHARES = (0.40, 0.36, 0.12, 0.12)  # unlabelled, train, validation, test (60% sp
 PRODUCT_SHARES = (0.0, 0.80, 0.10, 0.10)  # every label used; test held out
 SPLITS = ("unlabelled", "train", "val", "test")
 VARIANTS = ("flag", "flag-flat", "flag-shallow", "no-pretrain", "bytes-only", "rf")
+# leave-one-implementation-out modes (lab runs only) -> what a vpn-* class holds out (split_loio)
+LOIO_MODES = {"loio": "tunnel", "loio-client": "client"}
+MODES = ("paper", "honest", "product", *LOIO_MODES)
 RF_BYTES = 64  # the random forest's bytes per packet
 RF_TREES = 300
 
@@ -288,8 +291,8 @@ def evaluate_split(model_dir: Path, ids: np.ndarray, ctx: np.ndarray | None, lab
 def _splits(ds: Dataset, mode: str, seed: int) -> dict[str, np.ndarray]:
     if mode == "honest":
         return split_grouped(ds, seed)
-    if mode in ("loio", "loio-client"):
-        return split_loio(ds, seed, vpn="client" if mode == "loio-client" else "tunnel")
+    if mode in LOIO_MODES:
+        return split_loio(ds, seed, vpn=LOIO_MODES[mode])
     return split_random(ds, seed, PRODUCT_SHARES if mode == "product" else SHARES)
 
 
@@ -489,7 +492,7 @@ def run_protocol(tree: list[Path], out: Path, p: Protocol, label_kind: str = "di
     rows = []
     for mode in p.modes:
         # loio splits lab runs, whose random server ports are one per app and run: mask them
-        settings = p.flow_settings(honest=mode in ("honest", "loio", "loio-client"))
+        settings = p.flow_settings(honest=mode == "honest" or mode in LOIO_MODES)
         ds = _dataset(out / mode / "dataset.npz",
                       lambda settings=settings: build(tree, settings, label=labeller(label_kind)))
         log(f"[{mode}] dataset: {len(ds)} flows, {ds.stats.get('duplicates', 0)} duplicates "
