@@ -100,6 +100,10 @@ class Protocol:
             Preprocessing(packet_bytes=self.packet_bytes)
         return FlowSettings(ready_packets=self.ready_packets, preprocessing=pre)
 
+    def stretched(self, variant: str, frac: float) -> bool:
+        """Whether this variant and label fraction get equal_steps' longer schedule."""
+        return self.equal_steps and frac < 1 and variant != "rf"
+
     def shallow(self, cfg: ModelConfig) -> ModelConfig:
         """flag-shallow's config: the first shallow_layers blocks of cfg (default one fewer)."""
         return cfg.first_layers(self.shallow_layers or cfg.n_layer - 1)
@@ -372,7 +376,8 @@ def run_mode(ds: Dataset, mode: str, p: Protocol, out: Path, extra: Dataset | No
                         out / mode / f"pretrain-{key}{'' if aware else '-flat'}", ids, ctx,
                         pre_rows, split["val"], cfg, phrases, p, log, progress)
                 fit, fit_y = tr, ds.labels[tr]
-                epochs = math.ceil(p.finetune_epochs / frac) if p.equal_steps else p.finetune_epochs
+                stretched = p.stretched(variant, frac)
+                epochs = math.ceil(p.finetune_epochs / frac) if stretched else p.finetune_epochs
                 if student:  # the teacher's confident labels join the real ones; as many steps
                     teacher = out / mode / _round_dir(name, student - 1)
                     extra_rows, extra_y = pseudo_labelled(teacher, ids, ctx, pool, p.self_train)
@@ -396,7 +401,7 @@ def run_mode(ds: Dataset, mode: str, p: Protocol, out: Path, extra: Dataset | No
                                torch.load(run / "best.pt", weights_only=True)["model"].values())
                 evaluate.write_json({k: v for k, v in tuned.items() if k != "confusion"},
                                     run / "finetune.json")  # the per-epoch validation history
-                how = (", equal steps" if p.equal_steps and frac < 1 else "") + (
+                how = (", equal steps" if stretched else "") + (
                     f", self-trained ({len(fit) - len(tr)} pseudo-labels)" if student else "") + (
                     f", round {student}" if student > 1 else "")
                 rows.append(evaluate.compare_row(f"{mode}: {variant}{how}", report, labels=frac,
@@ -425,7 +430,7 @@ def _round_dir(name: str, student: int) -> str:
 def variant_dir(variant: str, frac: float, p: Protocol) -> str:
     """A variant's directory in the run: its own for every label fraction, equal-steps
     schedule and draw, so one run directory takes them all and resumes each."""
-    steps = "-equal-steps" if p.equal_steps and frac < 1 and variant != "rf" else ""
+    steps = "-equal-steps" if p.stretched(variant, frac) else ""
     return f"{variant}-{int(frac * 100)}{steps}" + (f"-draw{p.draw}" if p.draw else "")
 
 
