@@ -34,7 +34,15 @@ from flagd.frames import Frames
 from flagd.lab import apps, conditions, doctor, topology
 from flagd.lab.apps import App, RunContext, voip, wait_tcp
 from flagd.lab.cli import Exit, lab_app
-from flagd.lab.generate import BENCHMARK_APPS, FORMAT, Settings, generate, plan, summarize
+from flagd.lab.generate import (
+    BENCHMARK_APPS,
+    FORMAT,
+    Settings,
+    generate,
+    plan,
+    resumed_impairment,
+    summarize,
+)
 from flagd.lab.pki import make_pki
 from flagd.lab.record import (
     Rules,
@@ -347,6 +355,16 @@ def test_flows_per_class_stops_a_class_and_a_resume_can_raise_it(tmp_path, stand
     doc = generate(replace(settings, flows_per_class=3))  # the stopping rule may change
     assert [s["id"] for s in doc["sessions"]] == order[:3]
     assert doc["summary"]["test-echo"]["flows"] == 3
+
+
+def test_a_resumed_run_keeps_how_its_links_were_delayed():
+    assert resumed_impairment({}, "nfqueue") == "nfqueue"  # a new run: what the machine has
+    # started without delay: the delay line installed since does not join in halfway
+    assert resumed_impairment({"impairment": None}, "nfqueue") is None
+    assert resumed_impairment({"netem": False}, "netem") is None  # manifests before the line
+    assert resumed_impairment({"netem": True}, "nfqueue") == "nfqueue"  # delay either way
+    with pytest.raises(topology.LabError, match=r"\(nfqueue\) and nothing here can"):
+        resumed_impairment({"impairment": "nfqueue"}, None)
 
 
 def test_resume_refuses_other_settings_and_foreign_files(tmp_path, stand_in):

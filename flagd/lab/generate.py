@@ -212,6 +212,7 @@ class Manifest:
         }
         self.path = settings.out / MANIFEST
         self.lock = threading.Lock()
+        self.was_lab: dict = {}  # a resumed run's "lab" as its last sitting wrote it
 
     def resume(self, settings: Settings) -> None:
         """Take over the sessions of the manifest already in `settings.out`, which a run with
@@ -239,6 +240,7 @@ class Manifest:
         ]
         sittings.append({"started": _now(), "clients": self.doc["settings"]["clients"]})
         self.doc.update(created=old["created"], sessions=old["sessions"], sittings=sittings)
+        self.was_lab = old.get("lab") or {}
         self.doc["summary"] = summarize(self.doc["sessions"], self.doc["settings"]["clients"])
 
     def add(self, record: dict) -> None:
@@ -382,6 +384,21 @@ def _tunnelled(
     return rc
 
 
+def resumed_impairment(was: dict, now: str | None) -> str | None:
+    """What delays a run's links in this sitting (`now`: what this machine has). A resumed run
+    keeps what it started with (`was`: its manifest's "lab"), so one run has one distribution
+    of conditions: no delay before, none now even where the delay line has come since."""
+    if not was:
+        return now
+    # manifests from before the delay line recorded only whether netem was there
+    before = was["impairment"] if "impairment" in was else ("netem" if was.get("netem") else None)
+    if before and not now:
+        raise LabError(f"this run put delay, jitter and loss on its links ({before}) and nothing "
+                       "here can (no sch_netem, no iptables for the delay line): `flagd lab "
+                       "doctor --install`, or resume it where it started")
+    return now if before else None
+
+
 def generate(
     settings: Settings,
     progress: Callable[[dict], None] | None = None,
@@ -419,7 +436,7 @@ def generate(
                 "offloads_off": lab.offloads_off,
                 # what put delay, jitter and loss on the links: "netem", "nfqueue" (no sch_netem
                 # in this kernel: a user-space delay line) or None (nothing: records say 0)
-                "impairment": conditions.impairment(lab),
+                "impairment": resumed_impairment(manifest.was_lab, conditions.impairment(lab)),
                 "congestion": list(congestion),
             }
             ctx = RunContext(
