@@ -417,6 +417,7 @@ def finetune(
     packet_aware: Annotated[bool, typer.Option(help="With --no-pretrain: packet-aware input; --flat: the paper's.")] = True,
     outliers: Annotated[list[Path] | None, typer.Option(help="Foreign flows (datasets .npz built like TRAIN, or capture trees; labels unused) for outlier exposure.")] = None,
     outlier_weight: Annotated[float, typer.Option(min=0.0, help="Weight of the outlier-exposure loss.")] = 0.5,
+    synthetic_outliers: Annotated[bool, typer.Option("--synthetic-outliers", help="Outlier exposure also to flows made from the train flows (payload shuffled, ports redrawn, packets spliced across classes; flagd.outliers), saved as synthetic-outliers.npz for `flagd calibrate --exposure`.")] = False,
     layers: Annotated[int, typer.Option(min=0, help="With --init: fine-tune only its first N layers (a faster model) [default: all].")] = 0,
 ) -> None:
     """Fine-tune a classifier on [CLS]; keeps the epoch with the best validation macro-F1."""
@@ -424,7 +425,7 @@ def finetune(
     import torch
 
     from flagd.dataset import Dataset, DatasetError
-    from flagd.experiment import subsample
+    from flagd.experiment import subsample, with_synthetic
     from flagd.flows import FlowSettings
     from flagd.infer import save_bundle
     from flagd.model import ModelConfig
@@ -460,6 +461,9 @@ def finetune(
     tr_ids, tr_ctx = _model_input(phrases, [tr], max_len, aware)
     va_ids, va_ctx = _model_input(phrases, [va], max_len, aware)
     o_ids, o_ctx = _model_input(phrases, foreign, max_len, aware) if foreign else (None, None)
+    if synthetic_outliers:
+        o_ids, o_ctx = with_synthetic(o_ids, o_ctx, tr, np.arange(len(tr)), phrases, max_len,
+                                      aware, seed, out / "synthetic-outliers.npz")
     run_finetune(tr_ids, tr.labels, va_ids, va.labels, train_ctx=tr_ctx, val_ctx=va_ctx,
                  init=ckpt, cfg=cfg, labels=tr.classes, run_dir=out, epochs=epochs,
                  batch_size=batch_size, lr=lr, balance=balance, vocab_sha256=phrases.sha256,
@@ -658,6 +662,7 @@ def train(
     unlabelled: Annotated[list[Path] | None, typer.Option(help="Extra captures or trees for pre-training only (labels unused).")] = None,
     outliers: Annotated[list[Path] | None, typer.Option(help="Foreign captures or trees (none of the classes) for outlier exposure while fine-tuning.")] = None,
     outlier_weight: Annotated[float, typer.Option(min=0.0, help="Weight of the outlier-exposure loss.")] = 0.5,
+    synthetic_outliers: Annotated[bool, typer.Option("--synthetic-outliers", help="Outlier exposure also to flows made from the train flows (payload shuffled, ports redrawn, packets spliced across classes; flagd.outliers), saved as synthetic-outliers.npz for `flagd calibrate --exposure`.")] = False,
     shallow_layers: Annotated[int, typer.Option(min=0, help="flag-shallow: fine-tune the first N pre-trained layers [default: one fewer than the preset].")] = 0,
     equal_steps: Annotated[bool, typer.Option(help="Fine-tune a label fraction f for EPOCHS / f epochs: as many steps as with all labels.")] = False,
     fraction: Annotated[list[float] | None, typer.Option(min=0.001, max=1.0, help="Labelled fractions to train on [default: 1.0 and 0.1].")] = None,
@@ -693,7 +698,7 @@ def train(
                      variants=tuple(variant or VARIANTS), packet_aware=packet_aware,
                      unlabelled=tuple(map(str, unlabelled or ())),
                      outliers=tuple(map(str, outliers or ())), outlier_weight=outlier_weight,
-                     shallow_layers=shallow_layers, equal_steps=equal_steps, draw=draw,
+                     synthetic_outliers=synthetic_outliers, shallow_layers=shallow_layers, equal_steps=equal_steps, draw=draw,
                      fractions=tuple(fraction or Protocol.fractions), self_train=self_train,
                      self_train_rounds=self_train_rounds)
     if self_train is not None and min(proto.fractions) >= 1:

@@ -42,6 +42,7 @@ from flagd.flows import FlowSettings
 from flagd.infer import predict_logits, prepare_for_inference, save_bundle
 from flagd.labels import labeller
 from flagd.model import ModelConfig, load_checkpoint
+from flagd.outliers import synthesize
 from flagd.phrases import PhraseDict
 from flagd.preprocess import Preprocessing
 from flagd.train import finetune, pretrain
@@ -78,6 +79,9 @@ class Protocol:
     unlabelled: tuple[str, ...] = ()  # extra captures for pre-training only (labels unused)
     outliers: tuple[str, ...] = ()  # foreign captures for outlier exposure in fine-tuning
     outlier_weight: float = 0.5
+    # outlier exposure also to flows made from each fine-tuning's own train rows
+    # (flagd.outliers): near misses of the classes, which foreign captures rarely show
+    synthetic_outliers: bool = False
     shallow_layers: int = 0  # flag-shallow's encoder blocks; 0: one fewer than the preset's
     # fine-tune a label fraction f for finetune_epochs / f epochs: as many optimizer steps as
     # all labels get (10% of labels at a fixed epoch count is a tenth of the steps)
@@ -376,6 +380,9 @@ def run_mode(ds: Dataset, mode: str, p: Protocol, out: Path, extra: Dataset | No
                         out / mode / f"pretrain-{key}{'' if aware else '-flat'}", ids, ctx,
                         pre_rows, split["val"], cfg, phrases, p, log, progress)
                 fit, fit_y = tr, ds.labels[tr]
+                if p.synthetic_outliers:
+                    o_ids, o_ctx = with_synthetic(o_ids, o_ctx, ds, tr, phrases, p.max_len, aware,
+                                                  seed, run / "synthetic-outliers.npz")
                 stretched = p.stretched(variant, frac)
                 epochs = math.ceil(p.finetune_epochs / frac) if stretched else p.finetune_epochs
                 if student:  # the teacher's confident labels join the real ones; as many steps
@@ -411,6 +418,19 @@ def run_mode(ds: Dataset, mode: str, p: Protocol, out: Path, extra: Dataset | No
                     export(run, phrases, ds, p, report, te)
                 _finish(log, mode, run, rows[-1], report)
     return rows
+
+
+def with_synthetic(o_ids: np.ndarray | None, o_ctx: np.ndarray | None, ds: Dataset,
+                   rows: np.ndarray, phrases: PhraseDict, max_len: int, aware: bool, seed: int,
+                   path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """The exposure input plus synthetic outliers made from `rows` (training rows only), which
+    are also saved at `path`, for `flagd calibrate --exposure`."""
+    synthetic = synthesize(ds, rows, seed)
+    synthetic.save(path)
+    s_ids, s_ctx = inputs.encode(phrases, synthetic.flows, synthetic.sides, max_len, aware)
+    if o_ids is None:
+        return s_ids, s_ctx
+    return np.concatenate([o_ids, s_ids]), None if o_ctx is None else np.concatenate([o_ctx, s_ctx])
 
 
 def pseudo_labelled(teacher: Path, ids: np.ndarray, ctx: np.ndarray | None, pool: np.ndarray,

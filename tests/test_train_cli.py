@@ -256,10 +256,13 @@ def test_pretrain_then_finetune_commands_make_a_bundle(tmp_path):
     r = runner.invoke(app, ["finetune", str(tmp_path / "train.npz"), str(tmp_path / "val.npz"),
                             "--vocab", str(vocab), "--init", str(tmp_path / "pre" / "best.pt"),
                             "--epochs", "1", "-o", str(tmp_path / "oe"), "--outliers", str(tree),
-                            "--balance", "sampler"])
+                            "--balance", "sampler", "--synthetic-outliers"])
     assert r.exit_code == 0, r.output
     trained = json.loads((tmp_path / "oe" / "config.json").read_text())["train"]
-    assert trained["n_outliers"] == len(d) and trained["balance"] == "sampler"
+    # plus one synthetic outlier per train flow, saved for `flagd calibrate --exposure`
+    synthetic = Dataset.load(tmp_path / "oe" / "synthetic-outliers.npz")
+    assert len(synthetic) == len(Dataset.load(tmp_path / "train.npz"))
+    assert trained["n_outliers"] == len(d) + len(synthetic) and trained["balance"] == "sampler"
     # flagd train's class weighting unless told otherwise
     assert json.loads((tmp_path / "ft" / "config.json").read_text())["train"]["balance"] == "weights"
     other = tmp_path / "k3.npz"
