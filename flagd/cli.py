@@ -698,7 +698,8 @@ def train(
                      variants=tuple(variant or VARIANTS), packet_aware=packet_aware,
                      unlabelled=tuple(map(str, unlabelled or ())),
                      outliers=tuple(map(str, outliers or ())), outlier_weight=outlier_weight,
-                     synthetic_outliers=synthetic_outliers, shallow_layers=shallow_layers, equal_steps=equal_steps, draw=draw,
+                     synthetic_outliers=synthetic_outliers, shallow_layers=shallow_layers,
+                     equal_steps=equal_steps, draw=draw,
                      fractions=tuple(fraction or Protocol.fractions), self_train=self_train,
                      self_train_rounds=self_train_rounds)
     if self_train is not None and min(proto.fractions) >= 1:

@@ -13,6 +13,10 @@ thing a class is made of, so the model learns that a near miss is not a match:
 - `splice`: the first half of the flow's packets, then the packets of a flow of another class.
 
 They are made from training flows only (never validation or test) and carry no label.
+Measured (the ISCX card, "Open-set rejection"): exposed to one lab run, the ISCX model labels
+68% of the nDPI flows unknown with them and 49% without (three draws each), for about a point
+of accuracy; exposed to a broad corpus (half the nDPI captures) they cost 13 points on its other
+half, because they take most of the exposure draws. Use them where the foreign data is narrow.
 """
 
 from __future__ import annotations
