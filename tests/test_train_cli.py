@@ -132,11 +132,16 @@ def test_product_mode_pretrains_on_extra_captures_and_records_its_test_flows(tmp
     # the forest of the same draw
     pre_best = out / "product" / "pretrain-phrases" / "best.pt"
     stamp = pre_best.stat().st_mtime_ns
-    r = runner.invoke(app, argv + ["--fraction", "0.1", "--draw", "2"])
+    r = runner.invoke(app, argv + ["--fraction", "0.1", "--draw", "2", "--synthetic-outliers"])
     assert r.exit_code == 0, r.output
     assert "10%, draw 2" in r.output and pre_best.stat().st_mtime_ns == stamp
     drawn = json.loads((out / "product" / "flag-10-equal-steps-draw2" / "config.json").read_text())
     assert drawn["train"]["seed"] == few["seed"] + 2 and drawn["train"]["epochs"] == 20
+    # synthetic outliers: one per flow this model was fine-tuned on, its 10% of train only
+    from flagd.dataset import Dataset
+
+    synthetic = out / "product" / "flag-10-equal-steps-draw2" / "synthetic-outliers.npz"
+    assert len(Dataset.load(synthetic)) == drawn["train"]["n_train"] == drawn["train"]["n_outliers"]
     rows = json.loads((out / "report.json").read_text())["rows"]
     assert {(row["name"], row["draw"]) for row in rows} == {("product: flag, equal steps", 2),
                                                             ("product: random forest", 2)}
