@@ -20,6 +20,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -55,14 +56,18 @@ from flagd.lab.topology import (
     SERVER_ADDR,
     SERVER_NET,
     build_lab,
+    in_netns,
     is_lab_address,
     lab_namespaces,
+    link_packets,
     reap_stale,
+    wait_quiet,
 )
 from flagd.lab.tunnel import Ipsec, OpenVpn, WireGuard
 from flagd.packets import decode
 from flagd.pcapfile import read_capture
 from tests import crafted
+from tests.netns import veth_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 why_no_netns = topology.netns_unavailable()
@@ -355,6 +360,39 @@ def test_flows_per_class_stops_a_class_and_a_resume_can_raise_it(tmp_path, stand
     doc = generate(replace(settings, flows_per_class=3))  # the stopping rule may change
     assert [s["id"] for s in doc["sessions"]] == order[:3]
     assert doc["summary"]["test-echo"]["flows"] == 3
+
+
+@netns
+def test_a_capture_drains_until_its_link_is_quiet():
+    with veth_pair() as pair:
+        with in_netns(pair.a.ns):  # bound to end a's namespace for good
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        before = link_packets(pair.b.ns, pair.b.ifname)
+        for _ in range(5):
+            sock.sendto(b"x", (pair.b.addr, 9))
+        deadline = time.monotonic() + 2
+        while link_packets(pair.b.ns, pair.b.ifname) < before + 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert link_packets(pair.b.ns, pair.b.ifname) >= before + 5
+        assert 0.2 <= wait_quiet(pair.b.ns, pair.b.ifname, quiet=0.2, limit=3) < 1  # quiet already
+
+        def trickle():  # a late segment every 50 ms for 0.6 s
+            for _ in range(12):
+                sock.sendto(b"x", (pair.b.addr, 9))
+                time.sleep(0.05)
+
+        sender = threading.Thread(target=trickle)
+        sender.start()
+        waited = wait_quiet(pair.b.ns, pair.b.ifname, quiet=0.2, limit=3)
+        sender.join()
+        assert 0.75 <= waited < 1.5  # the trickle, then 0.2 s of nothing
+        sender = threading.Thread(target=lambda: [trickle() for _ in range(3)])
+        sender.start()
+        assert 0.4 <= wait_quiet(pair.b.ns, pair.b.ifname, quiet=0.2, limit=0.4) < 0.6  # the cap
+        sender.join()
+        sock.close()
+        with pytest.raises(topology.LabError, match="no interface nope0"):
+            link_packets(pair.b.ns, "nope0")
 
 
 def test_a_resumed_run_keeps_how_its_links_were_delayed():

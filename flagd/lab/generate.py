@@ -41,7 +41,7 @@ from flagd.lab.conditions import Conditions
 from flagd.lab.doctor import REQUIREMENTS, expand, require
 from flagd.lab.pki import make_pki
 from flagd.lab.record import Recorder, Rules, keep_first, session_stats, validate, write_pcap
-from flagd.lab.topology import SERVER_NET, Client, Lab, LabError, build_lab
+from flagd.lab.topology import SERVER_NET, Client, Lab, LabError, build_lab, wait_quiet
 from flagd.lab.tunnel import ESP_PROPOSALS, IKE_PROPOSALS, Ipsec, OpenVpn, WireGuard, only_tunnel
 
 # The apps the honest benchmark should use: the direct-TLS variant wherever one exists (XMPP on
@@ -58,7 +58,11 @@ OVPN_CIPHERS = ("AES-256-GCM", "AES-128-GCM", "CHACHA20-POLY1305")
 FORMAT = "flagd-lab/1"
 TUNNELS = ("none", "wireguard", "openvpn", "ipsec")
 DEFAULT_RATE_MBIT = 100  # tbf on every client link, so no session runs at memory speed
-DRAIN_SECONDS = 0.3  # capture keeps running this long after the client exits (FIN/ACKs)
+# After the client exits, the capture runs until its link has been quiet this long (FIN/ACKs),
+# two round trips under a drawn delay (`drain_seconds`), at most DRAIN_LIMIT: a segment
+# retransmitted late would otherwise land in the next session on the link and reject it
+DRAIN_SECONDS = 0.3
+DRAIN_LIMIT = 5.0
 
 
 @dataclass(frozen=True)
@@ -286,6 +290,13 @@ def summarize(sessions: list[dict], clients: int = 1) -> dict:
     return out
 
 
+def drain_seconds(cond: Conditions | None) -> float:
+    """How long a session's link must stay quiet before its capture ends."""
+    if cond is None:
+        return DRAIN_SECONDS
+    return max(DRAIN_SECONDS, 2 * (2 * cond.delay_ms + cond.jitter_ms) / 1000)
+
+
 def run_session(
     ctx: RunContext, client: Client, job: Job, settings: Settings
 ) -> tuple[dict, object | None]:
@@ -313,7 +324,7 @@ def run_session(
                     rc = _tunnelled(ctx, client, job, app, cond)
                 except LabError as e:  # this session's tunnel, not the lab: reject it, go on
                     rc, failure = -1, f"tunnel failed: {e}"
-            time.sleep(DRAIN_SECONDS)
+            wait_quiet(client.ns, client.ifname, drain_seconds(cond), DRAIN_LIMIT)
         finally:
             frames, capture = rec.stop()
     finally:
@@ -377,7 +388,8 @@ def _tunnelled(
         try:
             # the app sees the client at its tunnel address
             rc = app.session(ctx, replace(client, addr=addr), job.params)
-            time.sleep(DRAIN_SECONDS)  # the last ACKs still go through the tunnel
+            # the last ACKs still go through the tunnel
+            wait_quiet(client.ns, client.ifname, drain_seconds(cond), DRAIN_LIMIT)
         finally:
             if cond is not None:
                 lab.run(lab.server, conditions.tunnel_route(addr, cond.congestion, add=False))

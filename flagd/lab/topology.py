@@ -224,6 +224,32 @@ def in_netns(ns: str) -> Iterator[None]:
         os.close(own)
 
 
+def link_packets(ns: str, ifname: str) -> int:
+    """Packets `ifname` in namespace `ns` has received and sent so far."""
+    with in_netns(ns), open("/proc/thread-self/net/dev") as f:  # the thread's namespace's
+        for line in f:
+            name, _, counters = line.partition(":")
+            if name.strip() == ifname:
+                fields = counters.split()
+                return int(fields[1]) + int(fields[9])
+    raise LabError(f"no interface {ifname} in {ns}")
+
+
+def wait_quiet(ns: str, ifname: str, quiet: float, limit: float) -> float:
+    """Return once `ifname` has carried no packet for `quiet` seconds, or after `limit`; the
+    seconds waited."""
+    start = last = time.monotonic()
+    count = link_packets(ns, ifname)
+    while True:
+        time.sleep(min(0.05, quiet))
+        now = time.monotonic()
+        seen = link_packets(ns, ifname)
+        if seen != count:
+            count, last = seen, now
+        if now - last >= quiet or now - start >= limit:
+            return now - start
+
+
 _counter = 0
 
 
