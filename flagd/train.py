@@ -512,6 +512,13 @@ def pretrain(
                     break
     finally:
         bar.close()
+    if d.main and not (run_dir / "best.pt").exists():
+        # a finished run's last.pt alone, copied to go on from it (the committed checkpoint)
+        if best["step"] != step:
+            raise ValueError(f"{run_dir}: no best.pt, and last.pt holds step {step}, not the best "
+                             f"step {best['step']}; copy the run's best.pt too")
+        _save(make_checkpoint(model, cfg, vocab_sha256=vocab_sha256, labels=[], step=step,
+                              metrics=history[-1]), run_dir / "best.pt")
     seconds = time.perf_counter() - t0
     return {
         "step": step,

@@ -153,6 +153,19 @@ def test_pretrain_writes_run_and_resumes_exactly(tmp_path):
     assert best.cfg.n_classes == 0
     with pytest.raises(ValueError, match="another model config"):
         pretrain(train, val, tiny(n_layer=1), part, steps=8, resume=True, **kw)
+    # a finished run's last.pt alone in a new directory (how the committed checkpoint is
+    # reused): nothing left to train; best.pt is its weights where its last step was its best
+    last = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
+    for best_step, alone in ((8, tmp_path / "alone"), (3, tmp_path / "alone-earlier-best")):
+        alone.mkdir()
+        torch.save({**last, "best": {**last["best"], "step": best_step}}, alone / "last.pt")
+        if best_step == 8:
+            assert pretrain(train, val, tiny(), alone, steps=8, resume=True, **kw)["step"] == 8
+            kept = torch.load(alone / "best.pt", weights_only=True)["model"]
+            assert all(torch.equal(kept[k], last["model"][k]) for k in last["model"])
+        else:
+            with pytest.raises(ValueError, match="copy the run's best.pt too"):
+                pretrain(train, val, tiny(), alone, steps=8, resume=True, **kw)
 
 
 def test_pretrain_progress_bar_and_log(tmp_path, capsys):
