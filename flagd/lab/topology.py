@@ -226,7 +226,7 @@ def in_netns(ns: str) -> Iterator[None]:
 
 def link_packets(ns: str, ifname: str) -> int:
     """Packets `ifname` in namespace `ns` has received and sent so far."""
-    with in_netns(ns), open("/proc/thread-self/net/dev") as f:  # the thread's namespace's
+    with in_netns(ns), open("/proc/thread-self/net/dev") as f:  # this thread: now in ns
         for line in f:
             name, _, counters = line.partition(":")
             if name.strip() == ifname:
