@@ -24,54 +24,39 @@ from __future__ import annotations
 import numpy as np
 
 from flagd.dataset import Dataset
+from flagd.frames import LINKTYPE_RAW, Frames
+from flagd.packets import Skip, decode
 from flagd.preprocess import TCP, UDP
 
 KINDS = ("payload", "ports", "splice")
-_IPV6_EXTENSIONS = {0, 43, 60}  # hop-by-hop, routing, destination options: (len + 1) * 8 bytes
-_IPV6_FRAGMENT = 44  # 8 bytes
 
 
-def transport(pkt: bytes) -> tuple[int, int] | None:
-    """(protocol, offset of the transport header) in a packet's model bytes, or None when the
-    bytes end before it."""
-    if not pkt:
-        return None
-    if pkt[0] >> 4 == 4:
-        if len(pkt) < 20:
-            return None
-        return pkt[9], (pkt[0] & 0x0F) * 4
-    if len(pkt) < 40:
-        return None
-    proto, off = pkt[6], 40
-    while proto in _IPV6_EXTENSIONS or proto == _IPV6_FRAGMENT:
-        if len(pkt) < off + 2:
-            return None
-        proto, off = pkt[off], off + (8 if proto == _IPV6_FRAGMENT else (pkt[off + 1] + 1) * 8)
-    return proto, off
-
-
-def _payload_start(pkt: bytes) -> int | None:
-    """Where the application bytes start: after the TCP header (its data offset) or the UDP
-    header padded to 20 bytes (`preprocess.UDP_PAD`); None for other protocols."""
-    t = transport(pkt)
-    if t is None or t[0] not in (TCP, UDP):
-        return None
-    proto, off = t
-    if proto == TCP:
-        return off + ((pkt[off + 12] >> 4) * 4 if len(pkt) > off + 12 else 20)
-    return off + 20
+def headers(flow: list[bytes]) -> list[tuple[int, int] | None]:
+    """Per packet of a flow's model bytes (raw IP packets, read by flagd's own decoder): where
+    its TCP or UDP header starts and where its payload starts, or None for any other packet."""
+    if not flow:
+        return []
+    p = decode(Frames.from_records([(0.0, pkt, len(pkt), LINKTYPE_RAW) for pkt in flow]))
+    out: list[tuple[int, int] | None] = []
+    for i in range(len(flow)):
+        if p.skip[i] != Skip.OK or p.proto[i] not in (TCP, UDP):
+            out.append(None)
+            continue
+        l4 = int(p.l4_off[i] - p.frames.offset[i])
+        # the model sees UDP's 8-byte header padded to a TCP header's 20 (preprocess.UDP_PAD)
+        out.append((l4, l4 + (20 if p.proto[i] == UDP else int(p.l4_hdr_len[i]))))
+    return out
 
 
 def shuffled_payload(flow: list[bytes], rng: np.random.Generator) -> list[bytes]:
     out = []
-    for pkt in flow:
-        start = _payload_start(pkt)
-        if start is None or start >= len(pkt):
+    for pkt, h in zip(flow, headers(flow), strict=True):
+        if h is None or h[1] >= len(pkt):
             out.append(pkt)
             continue
-        tail = np.frombuffer(pkt, np.uint8)[start:].copy()
+        tail = np.frombuffer(pkt, np.uint8)[h[1]:].copy()
         rng.shuffle(tail)
-        out.append(pkt[:start] + tail.tobytes())
+        out.append(pkt[:h[1]] + tail.tobytes())
     return out
 
 
@@ -80,14 +65,12 @@ def redrawn_ports(flow: list[bytes], rng: np.random.Generator) -> list[bytes]:
     directions still agree."""
     new: dict[int, int] = {}
     out = []
-    for pkt in flow:
-        t = transport(pkt)
-        if t is None or t[0] not in (TCP, UDP) or len(pkt) < t[1] + 4:
+    for pkt, h in zip(flow, headers(flow), strict=True):
+        if h is None:  # the decoder read the ports, so they are there
             out.append(pkt)
             continue
-        off = t[1]
         b = bytearray(pkt)
-        for at in (off, off + 2):
+        for at in (h[0], h[0] + 2):
             port = int.from_bytes(b[at:at + 2], "big")
             new.setdefault(port, int(rng.integers(1024, 65536)))
             b[at:at + 2] = new[port].to_bytes(2, "big")

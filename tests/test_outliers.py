@@ -9,7 +9,7 @@ from scapy.packet import Raw
 
 from flagd.dataset import Dataset
 from flagd.flows import FlowSettings
-from flagd.outliers import redrawn_ports, shuffled_payload, synthesize, transport
+from flagd.outliers import headers, redrawn_ports, shuffled_payload, synthesize
 from flagd.preprocess import Preprocessing
 from tests import crafted
 
@@ -19,11 +19,13 @@ def udp_model_bytes(sport: int, dport: int, payload: bytes) -> bytes:
     return raw[:28] + bytes(12) + raw[28:]  # the UDP header padded to 20 bytes, as the model sees it
 
 
-def test_transport_finds_the_header_behind_ip_options_and_ipv6_extensions():
-    assert transport(bytes(crafted.ip4_options())) == (6, 28)
-    assert transport(bytes(crafted.ip6_ext_chain())) == (6, 40 + 4 * 8)  # hbh, dst, routing, frag
-    assert transport(bytes(crafted.tcp4())[:12]) is None
-    assert transport(b"") is None
+def test_headers_are_found_behind_ip_options_and_ipv6_extensions():
+    # (TCP header, payload): IPv4 with 8 bytes of options; IPv6 behind hbh, dst, routing, frag
+    assert headers([bytes(crafted.ip4_options())]) == [(28, 48)]
+    assert headers([bytes(crafted.ip6_ext_chain())]) == [(40 + 4 * 8, 40 + 4 * 8 + 20)]
+    assert headers([udp_model_bytes(5000, 6000, b"q")]) == [(20, 40)]  # padded UDP header
+    assert headers([bytes(crafted.tcp4())[:12], b"", bytes(crafted.icmp4())]) == [None] * 3
+    assert headers([]) == []
 
 
 def test_shuffled_payload_keeps_headers_sizes_and_bytes():
