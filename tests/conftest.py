@@ -63,6 +63,13 @@ def tiny_bundle(tmp_path_factory) -> Path:
                        metrics={"note": "untrained"})
 
 
+def kernel_impairment(lab) -> str | None:
+    """`conditions.impairment` without the user-space delay line: netem where the kernel has it."""
+    from flagd.lab import conditions
+
+    return "netem" if conditions.netem_available(lab) else None
+
+
 @pytest.fixture
 def no_delay_line(monkeypatch):
     """Lab sessions under the conditions the kernel applies itself (netem where it has one;
@@ -71,7 +78,5 @@ def no_delay_line(monkeypatch):
     only slow down. The delay line has its own tests in test_lab.py."""
     from flagd.lab import conditions
 
-    monkeypatch.setattr(
-        conditions, "impairment", lambda lab: "netem" if conditions.netem_available(lab) else None
-    )
+    monkeypatch.setattr(conditions, "impairment", kernel_impairment)
 

@@ -306,8 +306,9 @@ RESUMABLE = textwrap.dedent(
     from tests.test_lab import EchoTls
     from flagd.lab import apps, conditions
     from flagd.lab.generate import Settings, generate
+    from tests.conftest import kernel_impairment
     # what the no_delay_line fixture does: this test is about resuming, not the delay line
-    conditions.impairment = lambda lab: "netem" if conditions.netem_available(lab) else None
+    conditions.impairment = kernel_impairment
     apps.APPS[EchoTls.name] = EchoTls
     apps.CLASSES[EchoTls.label] = [EchoTls.name]
     try:
