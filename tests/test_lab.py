@@ -44,7 +44,7 @@ from flagd.lab.generate import (
     resumed_impairment,
     summarize,
 )
-from flagd.lab.pki import make_pki
+from flagd.lab.pki import DOMAIN, make_pki
 from flagd.lab.record import (
     Rules,
     keep_first,
@@ -1032,6 +1032,8 @@ def test_irc_line_parsing():
         ("icecast-ffmpeg", "icecast2", "icecast2", "streaming"),
         ("sendxmpp-tls", "sendxmpp", "sendxmpp", "chat"),
         ("rtorrent", "rtorrent", "rtorrent", "torrent"),
+        ("smtps-aiosmtpd", "aiosmtpd", "python3-aiosmtpd", "email"),
+        ("imaps-imap4d", "imap4d", "mailutils-imap4d", "email"),
     ],
 )
 def test_second_apps_name_their_debian_package(monkeypatch, app, program, package, label):
@@ -1062,6 +1064,42 @@ def test_second_apps_listen_on_tls_only(app, service):
         status = Path(f"/proc/{pid}/status").read_text().splitlines()
         (uids,) = [line.split()[1:] for line in status if line.startswith("Uid:")]
         assert "0" not in uids  # real, effective, saved and filesystem uid
+
+
+@netns
+def test_second_email_stack_delivers_what_it_is_sent():
+    """aiosmtpd and imap4d are one stack: a message swaks submits over SMTPS is in the INBOX
+    a client reads over IMAPS, and both listen on TLS ports of their own beside postfix and
+    dovecot (which keep 465 and 993 on the same address)."""
+    needs = apps.APPS["smtps-aiosmtpd"].programs
+    gone = doctor.missing(needs)
+    if gone:
+        pytest.skip(f"smtps-aiosmtpd needs: {doctor.apt_line(gone)}")
+    with build_lab(1) as lab:
+        ctx = RunContext(lab, make_pki(lab.state / "pki"), random.Random(0))
+        apps.APPS["smtps-aiosmtpd"]().start(ctx)
+        apps.APPS["imaps"]().start(ctx)  # the first stack, on the default ports
+        smtps, imaps = ctx.ports["smtps-aiosmtpd"], ctx.ports["imaps-imap4d"]
+        assert {smtps, imaps}.isdisjoint({ctx.ports["smtps"], ctx.ports["imaps"]})
+        client = lab.clients[0]
+        subject = f"lab check {random.Random().randrange(1 << 30)}"
+        res = lab.run(client.ns, [
+            "swaks", "--server", SERVER_ADDR, "--port", str(smtps), "--tlsc", "--tls-verify",
+            "--tls-ca-path", str(ctx.pki.ca), "--from", f"user0@{DOMAIN}", "--to",
+            f"box@{DOMAIN}", "--header", f"Subject: {subject}", "--timeout", "20",
+        ])  # fmt: skip
+        assert res.returncode == 0, res.stdout[-500:]
+        read = textwrap.dedent(f"""
+            import imaplib, ssl
+            imap = imaplib.IMAP4_SSL("{SERVER_ADDR}", {imaps},
+                                     ssl_context=ssl.create_default_context(cafile="{ctx.pki.ca}"))
+            imap.login("user0@{DOMAIN}", "labpass")
+            imap.select("INBOX")
+            print(imap.search(None, "SUBJECT", '"{subject}"')[1][0].decode())
+        """)
+        res = lab.run(client.ns, [sys.executable, "-c", read])
+        assert res.returncode == 0, res.stderr[-500:]
+        assert res.stdout.split() == ["1"]
 
 
 # -- linphone-tls: its config and the driver of linphonec's prompt ------------------------------
@@ -1168,7 +1206,7 @@ def server_hellos(pcap: Path) -> list[tuple[str, int]]:
 TLS_APPS = {
     "imaps": "email", "smtps": "email", "curl-imaps": "email", "curl-smtps": "email",
     "irc-tls": "chat", "https-download": "file-transfer", "wget-https": "file-transfer",
-    "icecast-https": "streaming",
+    "icecast-https": "streaming", "smtps-aiosmtpd": "email", "imaps-imap4d": "email",
 }  # fmt: skip
 
 

@@ -67,6 +67,12 @@ REQUIREMENTS: dict[str, Requirement] = {
         Requirement("sendxmpp", "sendxmpp", _which("sendxmpp")),
         Requirement("postfix", "postfix", _which("postfix")),
         Requirement("dovecot", "dovecot-imapd", _which("dovecot")),
+        Requirement(
+            "aiosmtpd",
+            "python3-aiosmtpd",
+            _probe(["/usr/bin/python3", "-c", "import aiosmtpd"]),
+        ),
+        Requirement("imap4d", "mailutils-imap4d", _which("imap4d")),
         Requirement("swaks", "swaks", _which("swaks")),
         Requirement(
             "perl Net::SSLeay", "libnet-ssleay-perl", _probe(["perl", "-MNet::SSLeay", "-e1"])

@@ -52,6 +52,7 @@ BENCHMARK_APPS = (
     "xmpp-tls", "irc-tls", "smtps", "imaps", "sftp", "scp", "https-download", "hls-https",
     "icecast-https", "sip-tls", "linphone-tls", "aria2", "transmission",
     "curl-smtps", "curl-imaps", "wget-https", "icecast-ffmpeg", "sendxmpp-tls", "rtorrent",
+    "smtps-aiosmtpd", "imaps-imap4d",
 )  # fmt: skip
 MANIFEST = "manifest.json"
 OVPN_CIPHERS = ("AES-256-GCM", "AES-128-GCM", "CHACHA20-POLY1305")

@@ -11,7 +11,15 @@ from __future__ import annotations
 
 from flagd.lab.apps.base import App, RunContext, wait_tcp
 from flagd.lab.apps.chat import IrcTls, SendXmpp, Xmpp, XmppTls
-from flagd.lab.apps.email import CurlImaps, CurlSmtps, Imaps, Smtp, Smtps
+from flagd.lab.apps.email import (
+    CurlImaps,
+    CurlSmtps,
+    Imaps,
+    ImapsImap4d,
+    Smtp,
+    Smtps,
+    SmtpsAiosmtpd,
+)
 from flagd.lab.apps.file_transfer import HttpsDownload, Scp, Sftp, WgetDownload
 from flagd.lab.apps.streaming import Hls, Icecast, IcecastFfmpeg
 from flagd.lab.apps.torrent import Aria2, RTorrent, Transmission
@@ -31,6 +39,8 @@ APPS: dict[str, type[App]] = {
         Imaps,
         CurlSmtps,
         CurlImaps,
+        SmtpsAiosmtpd,
+        ImapsImap4d,
         Sftp,
         Scp,
         HttpsDownload,

@@ -1,15 +1,18 @@
 """Email: postfix (SMTP with STARTTLS required, or SMTPS) delivering into a Maildir that
-dovecot serves over IMAPS; swaks submits, Python's imaplib reads.
+dovecot serves over IMAPS; swaks submits, Python's imaplib reads. A second server stack beside
+it: aiosmtpd (SMTPS) delivering into a Maildir that GNU Mailutils' imap4d serves over IMAPS.
 """
 
 from __future__ import annotations
 
 import random
 import shutil
+import subprocess
 import sys
 import time
 
 from flagd.lab.apps.base import (
+    DEBIAN_PYTHON,
     HERE,
     App,
     RunContext,
@@ -21,7 +24,7 @@ from flagd.lab.apps.base import (
     wait_tcp,
 )
 from flagd.lab.pki import DOMAIN
-from flagd.lab.topology import SERVER_ADDR, Client, LabError
+from flagd.lab.topology import MAX_CLIENTS, SERVER_ADDR, Client, LabError
 
 # -- email: postfix (SMTP, STARTTLS required) + dovecot (IMAPS) --------------------------------
 
@@ -183,15 +186,19 @@ class Smtp(App):
             "seed": rng.randrange(1 << 30),
         }
 
-    def session(self, ctx: RunContext, client: Client, params: dict) -> int:
+    def port(self, ctx: RunContext) -> int:
+        """The server port this app submits to."""
         smtp, _, smtps = ctx.shared["mail"]
+        return smtps if self.implicit else smtp
+
+    def session(self, ctx: RunContext, client: Client, params: dict) -> int:
         rng = random.Random(params["seed"])
         work = ctx.workdir(f"client-{client.index}")
         attach, body = work / "attachment.bin", work / "body.txt"
         attach.write_bytes(rng.randbytes(int(params["attachment_kb"] * 1024)))
         body.write_text(_text(rng, params["body_chars"]))
         argv = [
-            "swaks", "--server", SERVER_ADDR, "--port", str(smtps if self.implicit else smtp),
+            "swaks", "--server", SERVER_ADDR, "--port", str(self.port(ctx)),
             "--helo", f"client{client.index}.{DOMAIN}", "--from", f"user{client.index}@{DOMAIN}",
             "--to", f"box@{DOMAIN}", "--tlsc" if self.implicit else "--tls", "--tls-verify",
             "--tls-ca-path", str(ctx.pki.ca), "--body", f"@{body}", "--attach", f"@{attach}",
@@ -230,11 +237,18 @@ class Imaps(App):
             "seed": rng.randrange(1 << 30),
         }
 
+    def port(self, ctx: RunContext) -> int:
+        """The server port this app reads from."""
+        return ctx.shared["mail"][1]
+
+    def user(self, client: Client) -> str:
+        return f"user{client.index}"
+
     def session(self, ctx: RunContext, client: Client, params: dict) -> int:
-        _, imaps, _ = ctx.shared["mail"]
         argv = [
-            sys.executable, str(HERE / "imap_client.py"), f"--host={SERVER_ADDR}", f"--port={imaps}",
-            f"--ca={ctx.pki.ca}", f"--user=user{client.index}", "--password=labpass",
+            sys.executable, str(HERE / "imap_client.py"), f"--host={SERVER_ADDR}",
+            f"--port={self.port(ctx)}", f"--ca={ctx.pki.ca}", f"--user={self.user(client)}",
+            "--password=labpass",
             f"--append={params['append']}", f"--size-kb={params['size_kb']}",
             f"--fetch={params['fetch']}", f"--think={params['think']}", f"--seed={params['seed']}",
             *python_tls(params),
@@ -251,7 +265,7 @@ class CurlImaps(Imaps):
     tls_suites13 = True
 
     def session(self, ctx: RunContext, client: Client, params: dict) -> int:
-        _, imaps, _ = ctx.shared["mail"]
+        imaps = self.port(ctx)
         rng = random.Random(params["seed"])
         work = ctx.workdir(f"client-{client.index}")
         base = ["curl", "--silent", "--show-error", "--fail", "--cacert", str(ctx.pki.ca)]
@@ -287,7 +301,7 @@ class CurlSmtps(Smtps):
     tls_suites13 = True
 
     def session(self, ctx: RunContext, client: Client, params: dict) -> int:
-        _, _, smtps = ctx.shared["mail"]
+        smtps = self.port(ctx)
         rng = random.Random(params["seed"])
         work = ctx.workdir(f"client-{client.index}")
         attach, body = work / "attachment.bin", work / "body.txt"
@@ -303,3 +317,89 @@ class CurlSmtps(Smtps):
             f"smtps://{SERVER_ADDR}:{smtps}",
         ]  # fmt: skip
         return _client(ctx, client, argv, params)
+
+
+# -- email, second stack: aiosmtpd (SMTPS) + GNU Mailutils imap4d (IMAPS) -----------------------
+# Debian lets one package provide mail-transport-agent and one imap-server (exim4 and
+# opensmtpd conflict with postfix, courier and cyrus with dovecot). aiosmtpd (an SMTP server on
+# Python's asyncio and ssl) provides neither and mailutils-imap4d (GnuTLS) conflicts with none,
+# so both stacks install and run side by side, on ports of their own.
+
+_IMAP4D_CONF = """\
+logging {{ syslog no; }}
+mode daemon;
+foreground yes;
+auth {{ authorization virtdomain; authentication generic; }}
+virtdomain {{ passwd-dir "{passwd}"; }}
+mailbox {{ mailbox-type maildir; }}
+# the lab's key is world-readable by design (pki); imap4d refuses such keys unless told
+tls-file-checks {{ key-file none; cert-file none; ca-file none; }}
+server {addr}:{port} {{
+  tls-mode connection;
+  tls {{ ssl-certificate-file "{chain}"; ssl-key-file "{key}"; }}
+}}
+"""
+
+
+def _start_mail_b(ctx: RunContext) -> tuple[int, int]:
+    """aiosmtpd taking mail over implicit TLS into a Maildir that imap4d serves over IMAPS,
+    aiosmtpd as the mail user (imap4d, like dovecot, serves a session as the box's owner),
+    both started once per run. Returns (smtps, imaps) ports."""
+    if "mail-b" in ctx.shared:
+        return ctx.shared["mail-b"]
+    lab, pki = ctx.lab, ctx.pki
+    base = ctx.workdir("mail-b")
+    home, passwd = base / "home", base / "passwd"
+    for sub in ("cur", "new", "tmp"):  # imap4d's INBOX of a virtual user: HOME/INBOX
+        (home / "INBOX" / sub).mkdir(parents=True, exist_ok=True)
+    _chown(home, "mail")
+    # without --random-ports, 465 and 993 may be postfix's and dovecot's on the same address
+    smtps, imaps = ctx.port(10465, "smtps-aiosmtpd"), ctx.port(10993, "imaps-imap4d")
+    crypted = subprocess.run(["openssl", "passwd", "-6", "labpass"], capture_output=True,
+                             text=True, check=True).stdout.strip()  # fmt: skip
+    passwd.mkdir(exist_ok=True)
+    # virtdomain: logins are user@DOMAIN, looked up in PASSWD/DOMAIN; every user shares one box
+    (passwd / DOMAIN).write_text("".join(
+        f"user{i}:{crypted}:8:8::{home}:/bin/false\n" for i in range(MAX_CLIENTS)))
+    conf = base / "imap4d.conf"
+    conf.write_text(_IMAP4D_CONF.format(passwd=passwd, addr=SERVER_ADDR, port=imaps,
+                                        chain=pki.chain, key=pki.key))
+    proc = lab.popen(lab.server, ["imap4d", f"--config-file={conf}"], log="imap4d")
+    wait_tcp(lab, imaps, proc=proc)
+    proc = lab.popen(lab.server, [
+        DEBIAN_PYTHON, "-m", "aiosmtpd", "--nosetuid", "--listen", f"{SERVER_ADDR}:{smtps}",
+        "--smtpscert", str(pki.chain), "--smtpskey", str(pki.key),
+        "--class", "aiosmtpd.handlers.Mailbox", str(home / "INBOX"),
+    ], user="mail", log="aiosmtpd")  # fmt: skip
+    wait_tcp(lab, smtps, proc=proc)
+    ctx.shared["mail-b"] = (smtps, imaps)
+    return smtps, imaps
+
+
+class SmtpsAiosmtpd(Smtps):
+    """swaks submitting over implicit TLS to the second stack's aiosmtpd."""
+
+    name = "smtps-aiosmtpd"
+    programs = ("aiosmtpd", "imap4d", "swaks")
+
+    def start(self, ctx: RunContext) -> None:
+        _start_mail_b(ctx)
+
+    def port(self, ctx: RunContext) -> int:
+        return ctx.shared["mail-b"][0]
+
+
+class ImapsImap4d(Imaps):
+    """The imaplib mail client (append, read, delete) against the second stack's imap4d."""
+
+    name = "imaps-imap4d"
+    programs = ("aiosmtpd", "imap4d")
+
+    def start(self, ctx: RunContext) -> None:
+        _start_mail_b(ctx)
+
+    def port(self, ctx: RunContext) -> int:
+        return ctx.shared["mail-b"][1]
+
+    def user(self, client: Client) -> str:
+        return f"user{client.index}@{DOMAIN}"  # imap4d's virtual domains log users in so
