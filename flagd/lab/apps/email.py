@@ -343,8 +343,8 @@ server {addr}:{port} {{
 
 def _start_mail_b(ctx: RunContext) -> tuple[int, int]:
     """aiosmtpd taking mail over implicit TLS into a Maildir that imap4d serves over IMAPS,
-    aiosmtpd as the mail user (imap4d, like dovecot, serves a session as the box's owner),
-    both started once per run. Returns (smtps, imaps) ports."""
+    both started once per run; aiosmtpd runs as the mail user, who owns the Maildir (as in
+    the postfix stack's virtual_uid_maps). Returns (smtps, imaps) ports."""
     if "mail-b" in ctx.shared:
         return ctx.shared["mail-b"]
     lab, pki = ctx.lab, ctx.pki
@@ -402,4 +402,4 @@ class ImapsImap4d(Imaps):
         return ctx.shared["mail-b"][1]
 
     def user(self, client: Client) -> str:
-        return f"user{client.index}@{DOMAIN}"  # imap4d's virtual domains log users in so
+        return f"user{client.index}@{DOMAIN}"  # a virtdomain login names its domain
