@@ -522,6 +522,10 @@ def run_protocol(tree: list[Path], out: Path, p: Protocol, label_kind: str = "di
                       lambda settings=settings: build(tree, settings, label=labeller(label_kind)))
         log(f"[{mode}] dataset: {len(ds)} flows, {ds.stats.get('duplicates', 0)} duplicates "
             f"removed, dropped {ds.stats['dropped']}")
+        # the extra flows are masked exactly as the labelled ones, also when those were built
+        # beforehand with other masks (`flagd dataset build --honest` for a product run):
+        # exposure flows that differ in a masked field alone would teach that field
+        settings = FlowSettings.from_dict(ds.settings)
         extra = None
         if p.unlabelled:
             extra = _dataset(out / mode / "unlabelled.npz",

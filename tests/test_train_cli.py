@@ -90,6 +90,29 @@ def test_train_runs_the_protocol_and_writes_reports(trained):
     assert (out / "paper" / "flag-shallow-100" / "model" / "bundle.json").exists()
 
 
+def test_extra_flows_are_masked_like_a_prebuilt_dataset(tmp_path):
+    """A product run on a dataset built beforehand with the honest masks (as lab12's is)
+    builds its pre-training and exposure flows with those masks too, not product mode's."""
+    from flagd.dataset import Dataset
+
+    tree = make_tree(tmp_path / "tree")
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    crafted.write_pcap(extra / "other.pcap", flows_of("tls", 20, seed=99), LINKTYPE_ETHERNET)
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["dataset", "build", str(tree), "--honest",
+                            "-o", str(out / "product" / "dataset.npz")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["train", str(tree), "-o", str(out), "--mode", "product",
+                            "--variant", "rf", "--fraction", "1", "--unlabelled", str(extra),
+                            "--outliers", str(extra)])
+    assert r.exit_code == 0, r.output
+    labelled = Dataset.load(out / "product" / "dataset.npz").settings
+    assert "ports" in labelled["preprocessing"]["extra_masks"]  # the honest masks
+    for name in ("unlabelled.npz", "outliers.npz"):
+        assert Dataset.load(out / "product" / name).settings == labelled, name
+
+
 def test_product_mode_pretrains_on_extra_captures_and_records_its_test_flows(tmp_path):
     tree = make_tree(tmp_path / "tree")
     extra = tmp_path / "extra"
