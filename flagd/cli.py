@@ -665,6 +665,7 @@ def train(
     synthetic_outliers: Annotated[bool, typer.Option("--synthetic-outliers", help="Outlier exposure also to flows made from the train flows (payload shuffled, ports redrawn, packets spliced across classes; flagd.outliers), saved as synthetic-outliers.npz for `flagd calibrate --exposure`.")] = False,
     shallow_layers: Annotated[int, typer.Option(min=0, help="flag-shallow: fine-tune the first N pre-trained layers [default: one fewer than the preset].")] = 0,
     equal_steps: Annotated[bool, typer.Option(help="Fine-tune a label fraction f for EPOCHS / f epochs: as many steps as with all labels.")] = False,
+    split_by: Annotated[str, typer.Option(help="Product mode's 80/10/10: flow (flows at random) or capture (whole captures, as honest mode; a lab session's flows stay on one side).")] = "flow",
     fraction: Annotated[list[float] | None, typer.Option(min=0.001, max=1.0, help="Labelled fractions to train on [default: 1.0 and 0.1].")] = None,
     draw: Annotated[int, typer.Option(min=0, help="Another draw of the labelled rows and of the fine-tuning and forest seeds (SEED + DRAW), same split and pre-training; rows go to <variant>-<pct>-drawN.")] = 0,
     self_train: Annotated[float | None, typer.Option(min=0.0, max=1.0, metavar="MIN_PROB", help="Self-training for label fractions under 1: each fine-tuned model labels the flows whose labels the fraction lacks; those it gives at least MIN_PROB join the labelled flows for a student fine-tuned from the same start, as many steps (<variant>-<pct>-self-trained).")] = None,
@@ -689,6 +690,8 @@ def train(
     bad = set(variant or ()) - set(VARIANTS) or set(mode or ()) - set(MODES)
     if bad:
         raise fail(f"unknown variant or mode: {', '.join(sorted(bad))}", Exit.USAGE)
+    if split_by not in ("flow", "capture"):
+        raise fail(f"--split-by is flow or capture, not {split_by!r}", Exit.USAGE)
     proto = Protocol(preset=preset, vocab_size=vocab_size, max_len=max_len,
                      pretrain_epochs=pretrain_epochs, finetune_epochs=finetune_epochs,
                      batch_size=batch_size, pretrain_batch_size=pretrain_batch_size, seed=seed,
@@ -699,7 +702,7 @@ def train(
                      unlabelled=tuple(map(str, unlabelled or ())),
                      outliers=tuple(map(str, outliers or ())), outlier_weight=outlier_weight,
                      synthetic_outliers=synthetic_outliers, shallow_layers=shallow_layers,
-                     equal_steps=equal_steps, draw=draw,
+                     equal_steps=equal_steps, split_by=split_by, draw=draw,
                      fractions=tuple(fraction or Protocol.fractions), self_train=self_train,
                      self_train_rounds=self_train_rounds)
     if self_train is not None and min(proto.fractions) >= 1:

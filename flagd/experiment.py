@@ -86,6 +86,9 @@ class Protocol:
     # fine-tune a label fraction f for finetune_epochs / f epochs: as many optimizer steps as
     # all labels get (10% of labels at a fixed epoch count is a tenth of the steps)
     equal_steps: bool = False
+    # product mode: "flow" deals flows at random (a session's flows may straddle train and
+    # test), "capture" deals whole captures, as honest mode does (lab runs: one per session)
+    split_by: str = "flow"
     seed: int = 0  # the split, pre-training and (with draw 0) labelled rows and fine-tuning
     # Another draw of the labelled rows, fine-tuning and forest seeds (seed + draw) on the same
     # split and pre-training: how much a figure moves with the labels a run happened to get.
@@ -125,8 +128,9 @@ def split_random(ds: Dataset, seed: int,
     return {k: np.array(sorted(v), np.int64) for k, v in parts.items()}
 
 
-def split_grouped(ds: Dataset, seed: int) -> dict[str, np.ndarray]:
-    """No source capture on two sides; with one capture per class, contiguous time blocks."""
+def split_grouped(ds: Dataset, seed: int,
+                  shares: tuple[float, ...] = SHARES) -> dict[str, np.ndarray]:
+    """No source capture on two sides; with few captures per class, contiguous time blocks."""
     rng = np.random.default_rng(seed)
     parts: dict[str, list[int]] = {s: [] for s in SPLITS}
     for c in range(len(ds.classes)):
@@ -134,7 +138,7 @@ def split_grouped(ds: Dataset, seed: int) -> dict[str, np.ndarray]:
         groups = np.unique(ds.source[rows])
         if len(groups) >= 8:  # enough captures to give every split whole ones
             order = rng.permutation(groups)
-            for name, chunk in zip(SPLITS, _cut(order, SHARES), strict=True):
+            for name, chunk in zip(SPLITS, _cut(order, shares), strict=True):
                 parts[name] += rows[np.isin(ds.source[rows], chunk)].tolist()
         else:
             for g in groups:
@@ -144,7 +148,7 @@ def split_grouped(ds: Dataset, seed: int) -> dict[str, np.ndarray]:
                 # in proportion.
                 blocks = np.array_split(g_rows, min(len(g_rows), max(10, len(g_rows) // 50)))
                 order = rng.permutation(len(blocks))
-                for name, chunk in zip(SPLITS, _cut(order, SHARES), strict=True):
+                for name, chunk in zip(SPLITS, _cut(order, shares), strict=True):
                     for b in chunk:
                         parts[name] += blocks[b].tolist()
     return {k: np.array(sorted(v), np.int64) for k, v in parts.items()}
@@ -296,12 +300,15 @@ def evaluate_split(model_dir: Path, ids: np.ndarray, ctx: np.ndarray | None, lab
     return evaluate.metrics(labels, pred, classes, n_dropped=n_dropped)
 
 
-def _splits(ds: Dataset, mode: str, seed: int) -> dict[str, np.ndarray]:
+def _splits(ds: Dataset, mode: str, p: Protocol) -> dict[str, np.ndarray]:
     if mode == "honest":
-        return split_grouped(ds, seed)
+        return split_grouped(ds, p.seed)
     if mode in LOIO_MODES:
-        return split_loio(ds, seed, vpn=LOIO_MODES[mode])
-    return split_random(ds, seed, PRODUCT_SHARES if mode == "product" else SHARES)
+        return split_loio(ds, p.seed, vpn=LOIO_MODES[mode])
+    if mode == "product":
+        split = split_grouped if p.split_by == "capture" else split_random
+        return split(ds, p.seed, PRODUCT_SHARES)
+    return split_random(ds, p.seed, SHARES)
 
 
 def run_mode(ds: Dataset, mode: str, p: Protocol, out: Path, extra: Dataset | None = None,
@@ -311,7 +318,7 @@ def run_mode(ds: Dataset, mode: str, p: Protocol, out: Path, extra: Dataset | No
     extra: unlabelled flows built with the same settings, added to pre-training only.
     outliers: foreign flows built alike, pushed towards a flat prediction while every neural
     variant fine-tunes (outlier exposure), so their rows stay comparable."""
-    split = _splits(ds, mode, p.seed)
+    split = _splits(ds, mode, p)
     (out / mode).mkdir(parents=True, exist_ok=True)
     (out / mode / "split.json").write_text(json.dumps({k: v.tolist() for k, v in split.items()}))
     log(f"[{mode}] {len(ds)} flows: " + ", ".join(f"{k} {len(v)}" for k, v in split.items())

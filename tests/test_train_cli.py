@@ -113,6 +113,36 @@ def test_extra_flows_are_masked_like_a_prebuilt_dataset(tmp_path):
         assert Dataset.load(out / "product" / name).settings == labelled, name
 
 
+def test_product_split_by_capture_keeps_every_capture_on_one_side(tmp_path):
+    """--split-by capture deals whole captures 80/10/10 per class (a lab session's flows stay
+    together); the default deals flows, so captures straddle the splits."""
+    from flagd.dataset import Dataset
+
+    tree = tmp_path / "tree"
+    for cls, kind in (("chat", "ssh"), ("streaming", "tls")):
+        (tree / cls).mkdir(parents=True)
+        for part in range(10):  # ten captures of three flows per class
+            crafted.write_pcap(tree / cls / f"{part}.pcap", flows_of(kind, 3, seed=part),
+                               LINKTYPE_ETHERNET)
+    sides = {}
+    for split_by in ("capture", "flow"):
+        out = tmp_path / split_by
+        r = runner.invoke(app, ["train", str(tree), "-o", str(out), "--mode", "product",
+                                "--variant", "rf", "--fraction", "1", "--split-by", split_by])
+        assert r.exit_code == 0, r.output
+        split = json.loads((out / "product" / "split.json").read_text())
+        source = Dataset.load(out / "product" / "dataset.npz").source
+        by_capture = {}  # capture -> the splits its flows went to
+        for name, rows in split.items():
+            for row in rows:
+                by_capture.setdefault(int(source[row]), set()).add(name)
+        sides[split_by] = max(len(names) for names in by_capture.values())
+    assert sides == {"capture": 1, "flow": 3}
+    assert len(split["test"]) == 6  # (the flow split) 10% of 2 x 30 flows
+    r = runner.invoke(app, ["train", str(tree), "-o", str(tmp_path / "x"), "--split-by", "app"])
+    assert r.exit_code != 0 and "flow or capture" in r.output
+
+
 def test_product_mode_pretrains_on_extra_captures_and_records_its_test_flows(tmp_path):
     tree = make_tree(tmp_path / "tree")
     extra = tmp_path / "extra"
