@@ -393,7 +393,7 @@ class ImapsImap4d(Imaps):
     """The imaplib mail client (append, read, delete) against the second stack's imap4d."""
 
     name = "imaps-imap4d"
-    programs = ("aiosmtpd", "imap4d")
+    programs = ("imap4d", "aiosmtpd")  # the server first: loio reads it as programs[0]
 
     def start(self, ctx: RunContext) -> None:
         _start_mail_b(ctx)
