@@ -263,6 +263,9 @@ def main() -> None:
 # --- training ---------------------------------------------------------------------------------
 
 LabelsOpt = Annotated[str, typer.Option("--labels", help="dir: class = parent directory name; iscx: original ISCX VPN-nonVPN file names.")]
+# outlier exposure, the same in `flagd finetune` and `flagd train`
+OutlierWeightOpt = Annotated[float, typer.Option(min=0.0, help="Weight of the outlier-exposure loss.")]
+SyntheticOpt = Annotated[bool, typer.Option("--synthetic-outliers", help="Outlier exposure also to flows made from the train flows (payload shuffled, ports redrawn, packets spliced across classes; flagd.outliers), saved as synthetic-outliers.npz for `flagd calibrate --exposure`.")]
 
 
 def _flow_settings(packets: int, packet_bytes: int, honest: bool, rules: str | None):
@@ -416,8 +419,8 @@ def finetune(
     seed: int = 0,
     packet_aware: Annotated[bool, typer.Option(help="With --no-pretrain: packet-aware input; --flat: the paper's.")] = True,
     outliers: Annotated[list[Path] | None, typer.Option(help="Foreign flows (datasets .npz built like TRAIN, or capture trees; labels unused) for outlier exposure.")] = None,
-    outlier_weight: Annotated[float, typer.Option(min=0.0, help="Weight of the outlier-exposure loss.")] = 0.5,
-    synthetic_outliers: Annotated[bool, typer.Option("--synthetic-outliers", help="Outlier exposure also to flows made from the train flows (payload shuffled, ports redrawn, packets spliced across classes; flagd.outliers), saved as synthetic-outliers.npz for `flagd calibrate --exposure`.")] = False,
+    outlier_weight: OutlierWeightOpt = 0.5,
+    synthetic_outliers: SyntheticOpt = False,
     layers: Annotated[int, typer.Option(min=0, help="With --init: fine-tune only its first N layers (a faster model) [default: all].")] = 0,
 ) -> None:
     """Fine-tune a classifier on [CLS]; keeps the epoch with the best validation macro-F1."""
@@ -661,8 +664,8 @@ def train(
     packet_aware: Annotated[bool, typer.Option(help="Packet-aware input for flag, no-pretrain and bytes-only; --flat: the paper's flat input.")] = True,
     unlabelled: Annotated[list[Path] | None, typer.Option(help="Extra captures or trees for pre-training only (labels unused).")] = None,
     outliers: Annotated[list[Path] | None, typer.Option(help="Foreign captures or trees (none of the classes) for outlier exposure while fine-tuning.")] = None,
-    outlier_weight: Annotated[float, typer.Option(min=0.0, help="Weight of the outlier-exposure loss.")] = 0.5,
-    synthetic_outliers: Annotated[bool, typer.Option("--synthetic-outliers", help="Outlier exposure also to flows made from the train flows (payload shuffled, ports redrawn, packets spliced across classes; flagd.outliers), saved as synthetic-outliers.npz for `flagd calibrate --exposure`.")] = False,
+    outlier_weight: OutlierWeightOpt = 0.5,
+    synthetic_outliers: SyntheticOpt = False,
     shallow_layers: Annotated[int, typer.Option(min=0, help="flag-shallow: fine-tune the first N pre-trained layers [default: one fewer than the preset].")] = 0,
     equal_steps: Annotated[bool, typer.Option(help="Fine-tune a label fraction f for EPOCHS / f epochs: as many steps as with all labels.")] = False,
     split_by: Annotated[str, typer.Option(help="Product mode's 80/10/10: flow (flows at random) or capture (whole captures, as honest mode; a lab session's flows stay on one side).")] = "flow",
