@@ -46,6 +46,7 @@ from flagd.lab.generate import (
 )
 from flagd.lab.pki import DOMAIN, make_pki
 from flagd.lab.record import (
+    Recorder,
     Rules,
     keep_first,
     session_stats,
@@ -63,7 +64,7 @@ from flagd.lab.topology import (
     reap_stale,
     wait_quiet,
 )
-from flagd.lab.tunnel import Ipsec, OpenVpn, WireGuard
+from flagd.lab.tunnel import Ipsec, OpenVpn, WireGuard, staged_flush
 from flagd.packets import decode
 from flagd.pcapfile import read_capture
 from tests import crafted
@@ -939,6 +940,68 @@ def test_the_tail_of_an_earlier_sessions_connection_is_not_written():
     assert len(kept) == 7 and [f.sport for f in session_stats(kept).flows] == [40001]
     assert len(keep_first(frames, 3, drop_earlier=True)) == 3
     assert len(keep_first(frames, 0)) == 12  # without drop_earlier nothing goes
+
+
+def wireguard_frames(messages: list[tuple[bool, int]]) -> Frames:
+    """A WireGuard tunnel flow on the client's link: (from the router?, message type) each,
+    the router at 203.0.113.129:51820, the client at 203.0.113.130:40508."""
+    from scapy.layers.inet import IP, UDP
+    from scapy.packet import Raw
+
+    recs = []
+    for k, (from_router, kind) in enumerate(messages):
+        ends = [("203.0.113.130", 40508), ("203.0.113.129", 51820)][:: -1 if from_router else 1]
+        body = bytes([kind, 0, 0, 0]) + random_payloads(1, 124, seed=k)[0]
+        ip = IP(src=ends[0][0], dst=ends[1][0]) / UDP(sport=ends[0][1], dport=ends[1][1])
+        frame = crafted.ether(ip / Raw(body))
+        recs.append((1000.0 + k * 0.001, frame, len(frame), 1))
+    return Frames.from_records(recs)
+
+
+def test_a_tunnel_flow_opening_with_held_packets_is_rejected():
+    """Handshake (types 1, 2), then the client's SYN: one router answer (two under loss) before
+    its ACK is a clean session; more are packets the router held from before the session."""
+    handshake = [(False, 1), (True, 2), (False, 4)]
+    later = [(False, 4), (True, 4), (True, 4), (True, 4), (False, 4)]
+    assert staged_flush(wireguard_frames(handshake + [(True, 4), *later])) is None
+    assert staged_flush(wireguard_frames(handshake + [(True, 4)] * 2 + later)) is None
+    why = staged_flush(wireguard_frames(handshake + [(True, 4)] * 40 + later))
+    assert why and "40 router packets" in why
+
+
+@netns
+def test_packets_for_a_client_between_its_wireguard_sessions_never_reach_the_next():
+    """A server still sending to a client whose session ended (a voip call's RTP) must not open
+    the client's next tunnel flow: the router holds no peer for it between sessions."""
+    gone = doctor.missing(WireGuard.programs)
+    if gone:
+        pytest.skip(f"the wireguard tunnel needs: {doctor.apt_line(gone)}")
+    send = ("import socket, sys\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "for _ in range(int(sys.argv[3])): s.sendto(b'x' * 200, (sys.argv[1], int(sys.argv[2])))")
+    with build_lab(1) as lab:
+        (client,) = lab.clients
+        wg = WireGuard(lab)
+        router = wg.ifname(lab.router)
+        from_router = []  # per session: packets the router sent into the tunnel flow
+        for port in (40508, 40509):
+            rec = Recorder(client.ns, client.ifname)
+            try:
+                with wg.session(client, port) as addr:
+                    peers = lab.run(lab.router, ["wg", "show", router, "peers"]).stdout.split()
+                    assert peers == [wg.keys[client.index][1]]
+                    for _ in range(2):  # the client's first and second data message
+                        lab.run(client.ns, [sys.executable, "-c", send, SERVER_ADDR, "9", "1"])
+                        time.sleep(0.3)
+            finally:
+                frames, _ = rec.stop()
+            assert staged_flush(frames) is None
+            pk = decode(frames)
+            from_router.append(int(((pk.skip == 0) & (pk.sport == 51820)).sum()))
+            # the session is over: the server writes to the client's tunnel address anyway
+            assert lab.run(lab.router, ["wg", "show", router, "peers"]).stdout.split() == []
+            lab.run(lab.server, [sys.executable, "-c", send, addr, "9", "40"])
+    # the handshake response and the server's two ICMP port unreachables, none of the 40
+    assert from_router[0] == from_router[1] == 3
 
 
 def test_pcap_round_trip(tmp_path):

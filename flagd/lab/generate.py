@@ -42,7 +42,15 @@ from flagd.lab.doctor import REQUIREMENTS, expand, require
 from flagd.lab.pki import make_pki
 from flagd.lab.record import Recorder, Rules, keep_first, session_stats, validate, write_pcap
 from flagd.lab.topology import SERVER_NET, Client, Lab, LabError, build_lab, wait_quiet
-from flagd.lab.tunnel import ESP_PROPOSALS, IKE_PROPOSALS, Ipsec, OpenVpn, WireGuard, only_tunnel
+from flagd.lab.tunnel import (
+    ESP_PROPOSALS,
+    IKE_PROPOSALS,
+    Ipsec,
+    OpenVpn,
+    WireGuard,
+    only_tunnel,
+    staged_flush,
+)
 
 # The apps the honest benchmark should use: the direct-TLS variant wherever one exists (XMPP on
 # 5223, SMTP submission on 465, SIP over TLS). SSH's version banner and the torrent tracker's
@@ -336,6 +344,8 @@ def run_session(
     reason = failure or validate(rc, stats, settings.rules, client.addr)
     if reason is None and job.tunnel != "none":
         reason = only_tunnel(stats, client, ctx.shared[job.tunnel].port)
+    if reason is None and job.tunnel == "wireguard":
+        reason = staged_flush(frames)
     if reason is None and capture.dropped:
         reason = f"capture dropped {capture.dropped} packets"
     if reason is None and capture.received != stats.packets:

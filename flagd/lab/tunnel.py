@@ -1,12 +1,14 @@
 """VPN tunnels for the lab's vpn-* classes: wireguard-go (userspace; kernel WireGuard is absent),
 OpenVPN (UDP, tun) and IPsec (strongSwan, IKEv2 + ESP in UDP, user-space ESP).
 
-The router is the tunnel's far end: one wireguard-go interface (198.51.100.1) with a peer
-per client (198.51.100.(k+2)/32). For each VPN session the client brings up its own interface
-*after* the capture has started (so the handshake is in the capture), points its route to the
-server at the tunnel, runs the session and takes the tunnel down again, restoring the direct
-route. Each session therefore is one tunnel flow (UDP client:random port -> router:51820), and the
-capture on the client's outer link sees only tunnel packets, which `only_tunnel` checks.
+The router is the tunnel's far end: one wireguard-go interface (198.51.100.1) that holds a
+client's peer (198.51.100.(k+2)/32) only while that client's session runs. For each VPN session
+the client brings up its own interface *after* the capture has started (so the handshake is in
+the capture), points its route to the server at the tunnel, runs the session and takes the
+tunnel down again, restoring the direct route. Each session therefore is one tunnel flow (UDP
+client:random port -> router:51820), and the capture on the client's outer link sees only tunnel
+packets, which `only_tunnel` checks; `staged_flush` checks that the flow opens with this
+session's own packets.
 OpenVPN works the same way, with a client process per session (`--lport` = the session's port),
 and so does IPsec (a client charon per session, see `Ipsec`).
 """
@@ -22,9 +24,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+
+from flagd.frames import Frames
 from flagd.lab.pki import DOMAIN, Pki
 from flagd.lab.record import SessionStats
 from flagd.lab.topology import SERVER_NET, Client, Lab, LabError
+from flagd.packets import PROTO_UDP, Skip, decode
 
 WG_PORT = 51820
 OVPN_PORT = 1194
@@ -54,11 +60,6 @@ class WireGuard:
         self.router_key, self.router_pub = self._keypair("router")
         self.keys = {c.index: self._keypair(f"client{c.index}") for c in lab.clients}
         self._interface(lab.router, self.router_key, WG_PORT)
-        for c in lab.clients:
-            self._wg(
-                lab.router, "set", self.ifname(lab.router), "peer", self.keys[c.index][1],
-                "allowed-ips", f"{tunnel_addr(c)}/32",
-            )  # fmt: skip
         self._ip(
             lab.router,
             "addr",
@@ -130,6 +131,7 @@ class WireGuard:
         key, _ = self.keys[client.index]
         proc = None
         try:
+            self._peer(client, add=True)
             proc = self._interface(ns, key, listen_port)
             self._wg(
                 ns, "set", self.ifname(ns), "peer", self.router_pub, "endpoint", f"{client.gateway}:{WG_PORT}",
@@ -157,19 +159,23 @@ class WireGuard:
             self.lab.run(ns, ["ip", "route", "replace", str(SERVER_NET), "via", client.gateway])
             if proc is not None:
                 self.lab.reap(proc, 3)
-            self._forget_endpoint(client)
+            with contextlib.suppress(LabError):
+                self._peer(client, add=False)
 
-    def _forget_endpoint(self, client: Client) -> None:
-        """Re-add the client's peer on the router without an endpoint: otherwise late packets
-        of the ended session (a server's retransmitted FIN) would go to the old port while the
-        next session's capture runs."""
+    def _peer(self, client: Client, add: bool) -> None:
+        """Add the client's peer on the router (no endpoint: the handshake tells it), or remove
+        it. Between sessions the router has no peer for the client's tunnel address, so what a
+        server still sends there is dropped. A peer kept across sessions would hold ("stage")
+        up to 128 such packets, a voip server's RTP to a call that ended, and wireguard-go sends
+        those the moment the next session's handshake completes: that session's flow would
+        open with another session's traffic (see `staged_flush`). An endpoint kept would send
+        them to the old session's port instead, during the next session's capture."""
         router, pub = self.ifname(self.lab.router), self.keys[client.index][1]
-        with contextlib.suppress(LabError):
+        if add:
+            self._wg(self.lab.router, "set", router, "peer", pub,
+                     "allowed-ips", f"{tunnel_addr(client)}/32")  # fmt: skip
+        else:
             self._wg(self.lab.router, "set", router, "peer", pub, "remove")
-            self._wg(
-                self.lab.router, "set", router, "peer", pub,
-                "allowed-ips", f"{tunnel_addr(client)}/32",
-            )  # fmt: skip
 
 
 def only_tunnel(stats: SessionStats, client: Client, port: int) -> str | None:
@@ -181,6 +187,32 @@ def only_tunnel(stats: SessionStats, client: Client, port: int) -> str | None:
             return f"traffic outside the tunnel: {f.src}:{f.sport} -> {f.dst}:{f.dport}"
     if len(stats.flows) != 1:
         return f"{len(stats.flows)} tunnel flows (expected one)"
+    return None
+
+
+# Router data messages a clean session shows before the client's second one: the answer to the
+# client's first (a TCP SYN-ACK) and one retransmission of it under loss.
+MAX_EARLY_ROUTER_DATA = 2
+
+
+def staged_flush(frames: Frames, port: int = WG_PORT) -> str | None:
+    """Why a WireGuard session's tunnel flow opens with packets the router held from before the
+    session (`WireGuard._peer`), or None. Every lab session opens with the client's connection:
+    its first data message (a SYN) gets one answer before its second (the ACK). More router
+    data messages in between were queued for the client before its handshake and sent
+    once the handshake completed; they belong to an earlier session."""
+    pk = decode(frames)
+    udp = np.flatnonzero((pk.skip == Skip.OK) & (pk.proto == PROTO_UDP) & (pk.payload_len > 0))
+    first = pk.l4_off[udp] + pk.l4_hdr_len[udp]
+    seen = first < frames.offset[udp] + frames.caplen[udp]  # the message type was captured
+    udp, first = udp[seen], first[seen]
+    data = udp[frames.data[first] == 4]  # WireGuard message type 4: transport data
+    from_router = pk.sport[data] == port
+    before_second = np.cumsum(~from_router) == 1  # after the client's first, before its second
+    early = int((from_router & before_second).sum())
+    if early > MAX_EARLY_ROUTER_DATA:
+        return (f"the tunnel flow opens with {early} router packets before the client's second: "
+                "packets held for this client from before the session")
     return None
 
 
