@@ -5,7 +5,8 @@
 namespace), makes a CA and keys for the run (`pki`), starts real servers from Debian packages
 (`apps`), then runs many short client sessions with drawn parameters. Each session is captured on
 the client's link (`record`), validated (client exit status, packet and payload minimums,
-encrypted-looking payload, lab addresses only; VPN sessions: tunnel packets only) and written to
+encrypted-looking payload, lab addresses only; VPN sessions: tunnel packets only, a WireGuard
+flow opening with its own session's packets) and written to
 `DIR/<class>/<session>.pcap`, at most `--keep-packets` packets per flow (statistics are computed
 on all of them first). `DIR/manifest.json` describes the run (format "flagd-lab/1"): settings,
 seed, Debian package versions, the lab's namespaces and ports, and one record per session, kept
