@@ -28,6 +28,7 @@ from flagd.experiment import (
     random_forest,
     rf_features,
     run_logits,
+    unwrapped_dataset,
 )
 from flagd.phrases import PhraseDict
 
@@ -72,6 +73,8 @@ def main() -> None:
     for p, d in zip(a.data, parts, strict=True):
         if d.settings != ds.settings:
             raise SystemExit(f"{p}: built with other settings than {a.run / 'dataset.npz'}")
+    if proto.get("unwrap_tunnels"):  # VPN flows from inside, as the run's models and forest read them
+        ds, parts = unwrapped_dataset(ds), [unwrapped_dataset(d) for d in parts]
     y = np.concatenate([[ds.classes.index(d.classes[i]) for i in d.labels] for d in parts])
     flows = [f for d in parts for f in d.flows]
     sides = [s for d in parts for s in d.sides]

@@ -354,13 +354,13 @@ def _phrases(vocab: Path):
         raise fail(str(e)) from None
 
 
-def _model_input(phrases, sets, max_len: int, packet_aware: bool):
+def _model_input(phrases, sets, max_len: int, packet_aware: bool, unwrap_tunnels: bool = False):
     """Phrase ids (and packet context) of every flow of the datasets, in order."""
     from flagd import inputs
 
     flows = [f for ds in sets for f in ds.flows]
     sides = [s for ds in sets for s in ds.sides]
-    return inputs.encode(phrases, flows, sides, max_len, packet_aware)
+    return inputs.encode(phrases, flows, sides, max_len, packet_aware, unwrap_tunnels)
 
 
 @app.command()
@@ -459,14 +459,16 @@ def finetune(
             raise fail(f"--layers {layers}: {init}: {e}", Exit.USAGE) from None
     max_len = ckpt["config"]["max_len"] if ckpt else max_len
     aware = ckpt["config"].get("packet_aware", False) if ckpt else packet_aware
+    unwrap = ckpt["config"].get("unwrap_tunnels", False) if ckpt else False
     settings = FlowSettings.from_dict(tr.settings)
     foreign = _foreign_flows(outliers or [], settings)
-    tr_ids, tr_ctx = _model_input(phrases, [tr], max_len, aware)
-    va_ids, va_ctx = _model_input(phrases, [va], max_len, aware)
-    o_ids, o_ctx = _model_input(phrases, foreign, max_len, aware) if foreign else (None, None)
+    tr_ids, tr_ctx = _model_input(phrases, [tr], max_len, aware, unwrap)
+    va_ids, va_ctx = _model_input(phrases, [va], max_len, aware, unwrap)
+    o_ids, o_ctx = (_model_input(phrases, foreign, max_len, aware, unwrap) if foreign
+                    else (None, None))
     if synthetic_outliers:
         o_ids, o_ctx = with_synthetic(o_ids, o_ctx, tr, np.arange(len(tr)), phrases, max_len,
-                                      aware, seed, out / "synthetic-outliers.npz")
+                                      aware, seed, out / "synthetic-outliers.npz", unwrap)
     run_finetune(tr_ids, tr.labels, va_ids, va.labels, train_ctx=tr_ctx, val_ctx=va_ctx,
                  init=ckpt, cfg=cfg, labels=tr.classes, run_dir=out, epochs=epochs,
                  batch_size=batch_size, lr=lr, balance=balance, vocab_sha256=phrases.sha256,
@@ -592,6 +594,7 @@ def calibrate(
     model: Annotated[Path, typer.Argument(help="Model bundle directory (rewritten: openset.npz and its hash in bundle.json).")],
     val: Annotated[list[Path], typer.Argument(help="The model's validation flows: datasets (.npz) or capture trees (class = directory), never its test flows.")],
     reject_rate: Annotated[float, typer.Option(help="Share of validation flows the threshold labels unknown.")] = 0.05,
+    confidence: Annotated[float | None, typer.Option(help="Instead: at most --reject-rate of fresh in-distribution flows unknown with this probability (e.g. 0.9; a conformal bound, which rejects fewer validation flows).", show_default=False)] = None,
     method: Annotated[str, typer.Option(help="auto (best AUROC against --exposure; without it mahalanobis), msp, energy, mahalanobis or knn.")] = "auto",
     exposure: Annotated[list[Path] | None, typer.Option(help="Foreign flows to choose the method on (dataset or capture tree; labels unused); never the data a figure is measured on. Repeatable.")] = None,
     labels: LabelsOpt = "dir",
@@ -604,6 +607,8 @@ def calibrate(
         raise fail(f"unknown method {method!r}: auto, {', '.join(METHODS)}", Exit.USAGE)
     if not 0 <= reject_rate < 1:
         raise fail(f"--reject-rate {reject_rate} is not in [0, 1)", Exit.USAGE)
+    if confidence is not None and not 0 < confidence < 1:
+        raise fail(f"--confidence {confidence} is not in (0, 1)", Exit.USAGE)
     try:
         bundle = Bundle.load(model, device="cpu")
     except BundleError as e:
@@ -612,14 +617,17 @@ def calibrate(
     exp = [ds for p in exposure or [] for ds in _flows_for(bundle, [p], None)]
     val_ds = sets[0] if len(sets) == 1 else _concat(sets)
     try:
-        o = fit_rejection(model, val_ds, reject_rate=reject_rate,
+        o = fit_rejection(model, val_ds, reject_rate=reject_rate, confidence=confidence,
                           method=None if method == "auto" else method, exposure=exp or None)
     except (ValueError, BundleError) as e:
         raise fail(str(e)) from None
     aurocs = o.info.get("exposure_auroc")
-    typer.echo(f"{model}: {o.method} rejection, threshold {o.threshold:.4f} ({reject_rate:.0%} of "
-               f"{o.info['validation_flows']} validation flows below it), temperature "
-               f"{o.temperature:.3f} (NLL {o.info['nll_before']:.4f} -> {o.info['nll_after']:.4f})")
+    rule = (f"at most {reject_rate:.0%} of in-distribution flows below it with probability "
+            f"{confidence:g}; " if confidence is not None else "")
+    typer.echo(f"{model}: {o.method} rejection, threshold {o.threshold:.4f} ({rule}"
+               f"{o.info['validation_rejected']:.1%} of {o.info['validation_flows']} validation "
+               f"flows below it), temperature {o.temperature:.3f} "
+               f"(NLL {o.info['nll_before']:.4f} -> {o.info['nll_after']:.4f})")
     if aurocs:
         typer.echo("AUROC against the exposure flows: "
                    + ", ".join(f"{m} {a:.4f}" for m, a in aurocs.items()))
@@ -669,6 +677,7 @@ def train(
     shallow_layers: Annotated[int, typer.Option(min=0, help="flag-shallow: fine-tune the first N pre-trained layers [default: one fewer than the preset].")] = 0,
     equal_steps: Annotated[bool, typer.Option(help="Fine-tune a label fraction f for EPOCHS / f epochs: as many steps as with all labels.")] = False,
     split_by: Annotated[str, typer.Option(help="Product mode's 80/10/10: flow (flows at random) or capture (whole captures, as honest mode; a lab session's flows stay on one side).")] = "flow",
+    unwrap_tunnels: Annotated[bool, typer.Option(help="Read WireGuard, OpenVPN and IPsec flows from inside: their data packets at inner size, framing removed (every variant, the forest included).")] = False,
     fraction: Annotated[list[float] | None, typer.Option(min=0.001, max=1.0, help="Labelled fractions to train on [default: 1.0 and 0.1].")] = None,
     draw: Annotated[int, typer.Option(min=0, help="Another draw of the labelled rows and of the fine-tuning and forest seeds (SEED + DRAW), same split and pre-training; rows go to <variant>-<pct>-drawN.")] = 0,
     self_train: Annotated[float | None, typer.Option(min=0.0, max=1.0, metavar="MIN_PROB", help="Self-training for label fractions under 1: each fine-tuned model labels the flows whose labels the fraction lacks; those it gives at least MIN_PROB join the labelled flows for a student fine-tuned from the same start, as many steps (<variant>-<pct>-self-trained).")] = None,
@@ -706,6 +715,7 @@ def train(
                      outliers=tuple(map(str, outliers or ())), outlier_weight=outlier_weight,
                      synthetic_outliers=synthetic_outliers, shallow_layers=shallow_layers,
                      equal_steps=equal_steps, split_by=split_by, draw=draw,
+                     unwrap_tunnels=unwrap_tunnels,
                      fractions=tuple(fraction or Protocol.fractions), self_train=self_train,
                      self_train_rounds=self_train_rounds)
     if self_train is not None and min(proto.fractions) >= 1:

@@ -76,6 +76,8 @@ class Protocol:
     variants: tuple[str, ...] = VARIANTS
     modes: tuple[str, ...] = ("paper", "honest")
     packet_aware: bool = True  # input of flag, no-pretrain and bytes-only (flag-flat: never)
+    # every variant, the forest included, reads VPN tunnel flows from inside (flagd.tunnels)
+    unwrap_tunnels: bool = False
     unlabelled: tuple[str, ...] = ()  # extra captures for pre-training only (labels unused)
     outliers: tuple[str, ...] = ()  # foreign captures for outlier exposure in fine-tuning
     outlier_weight: float = 0.5
@@ -318,7 +320,9 @@ def run_mode(ds: Dataset, mode: str, p: Protocol, out: Path, extra: Dataset | No
     extra: unlabelled flows built with the same settings, added to pre-training only.
     outliers: foreign flows built alike, pushed towards a flat prediction while every neural
     variant fine-tunes (outlier exposure), so their rows stay comparable."""
-    split = _splits(ds, mode, p)
+    split = _splits(ds, mode, p)  # on the flows as captured: tunnel or not, a capture is one
+    if p.unwrap_tunnels:
+        ds, extra, outliers = (None if d is None else unwrapped_dataset(d) for d in (ds, extra, outliers))
     (out / mode).mkdir(parents=True, exist_ok=True)
     (out / mode / "split.json").write_text(json.dumps({k: v.tolist() for k, v in split.items()}))
     log(f"[{mode}] {len(ds)} flows: " + ", ".join(f"{k} {len(v)}" for k, v in split.items())
@@ -377,7 +381,8 @@ def run_mode(ds: Dataset, mode: str, p: Protocol, out: Path, extra: Dataset | No
                         inputs.encode(phrases, outliers.flows, outliers.sides, p.max_len, aware))
                 (ids, ctx), (o_ids, o_ctx) = encoded[key, aware]
                 cfg = ModelConfig.preset(p.preset, vocab_size=phrases.vocab_size, max_len=p.max_len,
-                                         packet_aware=aware, **p.overrides)
+                                         packet_aware=aware, unwrap_tunnels=p.unwrap_tunnels,
+                                         **p.overrides)
                 init, pre_wall = None, 0.0
                 tuned_cfg = cfg
                 if variant == "flag-shallow":
@@ -429,12 +434,13 @@ def run_mode(ds: Dataset, mode: str, p: Protocol, out: Path, extra: Dataset | No
 
 def with_synthetic(o_ids: np.ndarray | None, o_ctx: np.ndarray | None, ds: Dataset,
                    rows: np.ndarray, phrases: PhraseDict, max_len: int, aware: bool, seed: int,
-                   path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+                   path: Path, unwrap_tunnels: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """The exposure input plus synthetic outliers made from `rows` (training rows only), which
     are also saved at `path`, for `flagd calibrate --exposure`."""
     synthetic = synthesize(ds, rows, seed)
     synthetic.save(path)
-    s_ids, s_ctx = inputs.encode(phrases, synthetic.flows, synthetic.sides, max_len, aware)
+    s_ids, s_ctx = inputs.encode(phrases, synthetic.flows, synthetic.sides, max_len, aware,
+                                 unwrap_tunnels)
     if o_ids is None:
         return s_ids, s_ctx
     return np.concatenate([o_ids, s_ids]), None if o_ctx is None else np.concatenate([o_ctx, s_ctx])
@@ -486,6 +492,13 @@ def _pretrained(run: Path, ids: np.ndarray, ctx: np.ndarray | None, rows: np.nda
         evaluate.write_json(done, run / "history.json")  # the validation curve a card prints
         (run / "wall_s").write_text(f"{done['seconds']:.1f}")  # every sitting's
     return torch.load(run / "best.pt", weights_only=True), float((run / "wall_s").read_text())
+
+
+def unwrapped_dataset(ds: Dataset) -> Dataset:
+    """ds with every VPN tunnel flow read from inside, as a model with unwrap_tunnels reads it."""
+    flows, sides = inputs.unwrapped(ds.flows, ds.sides)
+    return Dataset(flows, sides, ds.labels, ds.classes, ds.source, ds.sources, ds.start,
+                   ds.settings, ds.stats)
 
 
 def _concat(a: Dataset, b: Dataset) -> Dataset:

@@ -320,8 +320,9 @@ class Bundle:
     def encode_packets(self, packets: list[list[bytes]], sides: list | None) -> Encoded:
         """The model input for flows given as packet-byte lists and their side channels (a
         dataset's `flows` and `sides`): what `encode` builds from live flows."""
-        return inputs.encode(self.phrases, packets, sides, self.max_len,
-                             self.model.cfg.packet_aware)
+        cfg = self.model.cfg
+        return inputs.encode(self.phrases, packets, sides, self.max_len, cfg.packet_aware,
+                             cfg.unwrap_tunnels)
 
     def outputs(self, encoded: Encoded) -> tuple[np.ndarray, np.ndarray]:
         """Class logits (N, n_classes) and [CLS] vectors (N, C) as float32 numpy: the single

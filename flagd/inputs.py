@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from flagd import tunnels
 from flagd.phrases import PhraseDict
 
 MAX_PACKETS = 64  # packet-index embeddings; later packets share the last one
@@ -67,13 +68,24 @@ def context(packet_of: np.ndarray, sides: Sequence[Sequence[Side]]) -> np.ndarra
 
 def encode(phrases: PhraseDict, flows: Sequence[Sequence[bytes]],
            sides: Sequence[Sequence[Side]] | None, max_len: int,
-           packet_aware: bool) -> tuple[np.ndarray, np.ndarray | None]:
+           packet_aware: bool, unwrap_tunnels: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """Model input for a batch of flows: ids (N, max_len) int32 and, for a packet-aware model,
     its context (N, max_len, 4) int16 (else None). The one place training, evaluation and the
-    daemon turn flows into model input."""
+    daemon turn flows into model input. unwrap_tunnels: VPN flows from inside (flagd.tunnels)."""
+    if unwrap_tunnels:
+        if sides is None:
+            raise ValueError("reading tunnels from inside needs each packet's side channel")
+        flows, sides = unwrapped(flows, sides)
     if not packet_aware:
         return phrases.encode_flows(flows, max_len), None
     if sides is None:
         raise ValueError("a packet-aware model needs each packet's side channel")
     ids, packet_of = phrases.encode_flows_with_packets(flows, max_len)
     return ids, context(packet_of, sides)
+
+
+def unwrapped(flows: Sequence[Sequence[bytes]], sides: Sequence[Sequence[Side]]
+              ) -> tuple[list[list[bytes]], list[list[Side]]]:
+    """Every flow through flagd.tunnels.unwrap (other flows unchanged)."""
+    pairs = [tunnels.unwrap(f, s) for f, s in zip(flows, sides, strict=True)]
+    return [p for p, _ in pairs], [s for _, s in pairs]

@@ -44,6 +44,9 @@ class ModelConfig:
     # index, direction, size and gap (flagd.inputs), and pre-training predicts masked sizes
     # and gaps too. False is the paper's flat phrase sequence.
     packet_aware: bool = False
+    # VPN tunnel flows read from inside (flagd.tunnels.unwrap): their data packets at inner
+    # size, tunnel framing removed, so a class learnt through one tunnel kind carries to another.
+    unwrap_tunnels: bool = False
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:

@@ -12,7 +12,8 @@ fits, on a model's validation flows (never on the flows a figure is measured on)
     knn          cosine similarity of the unit [CLS] vector to its k-th nearest reference
                  (validation) vector (Sun et al. 2022)
 - a threshold: the score below which a flow is "unknown", set so that `reject_rate` of the
-  validation flows fall below it. Scores of validation flows for the distance methods are
+  validation flows fall below it, or (given `confidence`) so that at most `reject_rate` of fresh
+  in-distribution flows do with that probability, which rejects fewer validation flows. Scores of validation flows for the distance methods are
   out-of-fold (the flow's own fold, or its own capture, is left out of the means/references),
   or the threshold would be set on flows scored against themselves and reject too few.
 
@@ -142,9 +143,32 @@ def knn_score(feats: np.ndarray, reference: np.ndarray, k: int = KNN_K) -> np.nd
     return -np.partition(-sims, k - 1, axis=1)[:, k - 1]
 
 
-def threshold_for(scores: np.ndarray, reject_rate: float) -> float:
-    """The score below which `reject_rate` of these (in-distribution) scores fall."""
-    return float(np.quantile(np.asarray(scores, np.float64), reject_rate))
+def threshold_for(scores: np.ndarray, reject_rate: float, confidence: float | None = None) -> float:
+    """The score below which `reject_rate` of these (in-distribution) scores fall.
+
+    With `confidence`, a bound instead of an estimate: the k-th smallest of the n scores, k as
+    large as keeps the share of *fresh* in-distribution flows below it at most `reject_rate` with
+    that probability over the draw of these n. (The split-conformal, training-conditional bound:
+    for exchangeable scores the share below the k-th is Beta(k, n + 1 - k), and
+    P(Beta(k, n + 1 - k) <= rate) = P(Binomial(n, rate) >= k).) -inf when even k = 1 is too many.
+    """
+    s = np.sort(np.asarray(scores, np.float64))
+    if confidence is None:
+        return float(np.quantile(s, reject_rate))
+    k = _largest_k(len(s), reject_rate, confidence)
+    return float(s[k - 1]) if k else -math.inf
+
+
+def _largest_k(n: int, rate: float, confidence: float) -> int:
+    """Largest k in 0..n with P(Binomial(n, rate) >= k) >= confidence."""
+    if rate <= 0:
+        return 0
+    i = np.arange(n + 1)
+    log_pmf = (math.lgamma(n + 1) - np.array([math.lgamma(j + 1) + math.lgamma(n - j + 1) for j in i])
+               + i * math.log(rate) + (n - i) * math.log1p(-rate))
+    at_least = np.cumsum(np.exp(log_pmf)[::-1])[::-1]  # at_least[k] = P(X >= k)
+    ok = np.nonzero(at_least[1:] >= confidence)[0]
+    return int(ok[-1]) + 1 if len(ok) else 0
 
 
 def folds(y: np.ndarray, groups: np.ndarray | None, seed: int = 0, k: int = FOLDS) -> np.ndarray:
@@ -202,7 +226,7 @@ class OpenSet:
     method: str  # one of METHODS
     temperature: float  # softmax temperature (calibration)
     threshold: float  # score below which a flow is "unknown" (scores: higher = in-distribution)
-    reject_rate: float  # share of validation flows below the threshold (what it was set for)
+    reject_rate: float  # share of in-distribution flows the threshold was set to reject
     means: np.ndarray | None = None  # mahalanobis: (K, C) class means
     precision: np.ndarray | None = None  # mahalanobis: (C, C) shared precision
     reference: np.ndarray | None = None  # knn: (R, C) unit vectors, stored float16
@@ -251,15 +275,18 @@ class OpenSet:
 
 
 def fit(logits: np.ndarray, feats: np.ndarray, y: np.ndarray, n_classes: int, *,
-        reject_rate: float = 0.05, method: str | None = None,
+        reject_rate: float = 0.05, confidence: float | None = None, method: str | None = None,
         exposure: tuple[np.ndarray, np.ndarray] | None = None,
         groups: np.ndarray | None = None, seed: int = 0) -> OpenSet:
     """Fit temperature, score and threshold on validation logits/features/labels.
 
     method None: the method with the best AUROC between the validation flows and `exposure`
-    (foreign logits, features); without exposure data, DEFAULT_METHOD."""
+    (foreign logits, features); without exposure data, DEFAULT_METHOD. confidence: see
+    threshold_for."""
     if not 0 <= reject_rate < 1:
         raise ValueError(f"reject rate {reject_rate} is not in [0, 1)")
+    if confidence is not None and not 0 < confidence < 1:
+        raise ValueError(f"confidence {confidence} is not in (0, 1)")
     y = np.asarray(y, np.int64)
     logits, feats = np.asarray(logits, np.float64), np.asarray(feats, np.float64)
     t = fit_temperature(logits, y)
@@ -277,8 +304,11 @@ def fit(logits: np.ndarray, feats: np.ndarray, y: np.ndarray, n_classes: int, *,
         method = (max(info["exposure_auroc"], key=info["exposure_auroc"].get)
                   if exposure is not None else DEFAULT_METHOD)
     model = _fit_params(method, logits, feats, y, n_classes, t)
-    model.threshold = threshold_for(oof[method], reject_rate)
+    model.threshold = threshold_for(oof[method], reject_rate, confidence)
     model.reject_rate = reject_rate
+    if confidence is not None:
+        info["confidence"] = confidence
+    info["validation_rejected"] = float(np.mean(oof[method] < model.threshold))
     model.info = info
     return model
 
@@ -297,7 +327,7 @@ def _fit_params(method: str, logits: np.ndarray, feats: np.ndarray, y: np.ndarra
 
 
 def fit_rejection(bundle_dir: str | Path, val: Dataset, *, reject_rate: float = 0.05,
-                  method: str | None = None, exposure: list[Dataset] | None = None,
+                  confidence: float | None = None, method: str | None = None, exposure: list[Dataset] | None = None,
                   seed: int = 0) -> OpenSet:
     """Fit calibration and rejection for the bundle at `bundle_dir` on its validation flows
     `val` (labelled with the bundle's classes, built with its flow settings), write
@@ -318,7 +348,8 @@ def fit_rejection(bundle_dir: str | Path, val: Dataset, *, reject_rate: float = 
             bundle.check_dataset(ds.settings, "exposure data")
         outs = [bundle.outputs_for(ds.flows, ds.sides) for ds in exposure]
         exp = (np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs]))
-    o = fit(logits, feats, y, len(bundle.labels), reject_rate=reject_rate, method=method,
+    o = fit(logits, feats, y, len(bundle.labels), reject_rate=reject_rate,
+            confidence=confidence, method=method,
             exposure=exp, groups=np.asarray(val.source), seed=seed)
     o.info["validation_captures"] = int(len(np.unique(val.source)))
     o.save(bundle_dir / FILE)

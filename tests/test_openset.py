@@ -92,6 +92,18 @@ def test_threshold_rejects_the_chosen_share_of_fresh_in_distribution_flows():
     assert np.mean(o.score(np.zeros((500, 4)), foreign) < o.threshold) == 1.0
 
 
+def test_a_confidence_bound_keeps_the_fresh_rejection_rate_under_the_rate():
+    # Uniform scores: the share of fresh flows below a threshold is the threshold itself.
+    rng = np.random.default_rng(7)
+    draws = rng.random((2000, 300))
+    bound = np.array([O.threshold_for(d, 0.05, confidence=0.9) for d in draws])
+    estimate = np.array([O.threshold_for(d, 0.05) for d in draws])
+    assert np.mean(bound > 0.05) < 0.12  # exceeded in at most 10% of draws (+ sampling slack)
+    assert 0.35 < np.mean(estimate > 0.05) < 0.65  # the plain 5% quantile: about half of them
+    assert 0.03 < np.mean(bound) < 0.05  # and the bound is not trivially strict
+    assert O.threshold_for(draws[0][:10], 0.05, confidence=0.9) == -np.inf  # 10 flows: k = 0
+
+
 def test_method_is_chosen_on_exposure_flows():
     rng = np.random.default_rng(3)
     centres = rng.normal(scale=3, size=(3, 6))
@@ -200,6 +212,18 @@ def test_calibrate_then_evaluate_with_foreign_flows(bundle_dir, data, tmp_path):
                                  "--exposure", str(data["foreign"]), "--reject-rate", "0.1"])
     assert r.exit_code == 0, r.output
     assert "rejection, threshold" in r.output and "AUROC against the exposure flows" in r.output
+    plain = O.OpenSet.load(bundle_dir / O.FILE)
+    r = CliRunner().invoke(app, ["calibrate", str(bundle_dir), str(data["val"]), "--reject-rate",
+                                 "0.1", "--confidence", "0.9", "--method", plain.method])
+    assert r.exit_code == 0, r.output
+    assert "at most 10% of in-distribution flows below it with probability 0.9" in r.output
+    bounded = O.OpenSet.load(bundle_dir / O.FILE)
+    # these flows come in a few identical shapes, so the two thresholds may land on a tie
+    assert bounded.info["confidence"] == 0.9 and bounded.threshold <= plain.threshold
+    assert bounded.info["validation_rejected"] <= plain.info["validation_rejected"]
+    r = CliRunner().invoke(app, ["calibrate", str(bundle_dir), str(data["val"]),
+                                 "--exposure", str(data["foreign"]), "--reject-rate", "0.1"])
+    assert r.exit_code == 0, r.output
     report_path = tmp_path / "report.json"
     r = CliRunner().invoke(app, ["evaluate", str(bundle_dir), str(data["test"]),
                                  "--foreign", str(data["foreign"]), "--json", str(report_path)])
