@@ -320,9 +320,10 @@ def run_mode(ds: Dataset, mode: str, p: Protocol, out: Path, extra: Dataset | No
     extra: unlabelled flows built with the same settings, added to pre-training only.
     outliers: foreign flows built alike, pushed towards a flat prediction while every neural
     variant fine-tunes (outlier exposure), so their rows stay comparable."""
-    split = _splits(ds, mode, p)  # on the flows as captured: tunnel or not, a capture is one
+    split = _splits(ds, mode, p)  # captures and labels only: the same with tunnels unwrapped
     if p.unwrap_tunnels:
-        ds, extra, outliers = (None if d is None else unwrapped_dataset(d) for d in (ds, extra, outliers))
+        ds, extra, outliers = (None if d is None else unwrapped_dataset(d)
+                               for d in (ds, extra, outliers))
     (out / mode).mkdir(parents=True, exist_ok=True)
     (out / mode / "split.json").write_text(json.dumps({k: v.tolist() for k, v in split.items()}))
     log(f"[{mode}] {len(ds)} flows: " + ", ".join(f"{k} {len(v)}" for k, v in split.items())

@@ -13,9 +13,10 @@ fits, on a model's validation flows (never on the flows a figure is measured on)
                  (validation) vector (Sun et al. 2022)
 - a threshold: the score below which a flow is "unknown", set so that `reject_rate` of the
   validation flows fall below it, or (given `confidence`) so that at most `reject_rate` of fresh
-  in-distribution flows do with that probability, which rejects fewer validation flows. Scores of validation flows for the distance methods are
-  out-of-fold (the flow's own fold, or its own capture, is left out of the means/references),
-  or the threshold would be set on flows scored against themselves and reject too few.
+  in-distribution flows do with that probability, which rejects fewer validation flows.
+  Scores of validation flows for the distance methods are out-of-fold (the flow's own fold, or
+  its own capture, is left out of the means/references), or the threshold would be set on flows
+  scored against themselves and reject too few.
 
 Which score to keep is decided by AUROC between validation flows and an *exposure* set of
 foreign flows; that set must not be the one the shipped figures are measured on.
@@ -327,8 +328,8 @@ def _fit_params(method: str, logits: np.ndarray, feats: np.ndarray, y: np.ndarra
 
 
 def fit_rejection(bundle_dir: str | Path, val: Dataset, *, reject_rate: float = 0.05,
-                  confidence: float | None = None, method: str | None = None, exposure: list[Dataset] | None = None,
-                  seed: int = 0) -> OpenSet:
+                  confidence: float | None = None, method: str | None = None,
+                  exposure: list[Dataset] | None = None, seed: int = 0) -> OpenSet:
     """Fit calibration and rejection for the bundle at `bundle_dir` on its validation flows
     `val` (labelled with the bundle's classes, built with its flow settings), write
     `openset.npz` into the bundle and hash it into bundle.json. Returns what was fitted.
