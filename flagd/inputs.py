@@ -72,14 +72,13 @@ def encode(phrases: PhraseDict, flows: Sequence[Sequence[bytes]],
     """Model input for a batch of flows: ids (N, max_len) int32 and, for a packet-aware model,
     its context (N, max_len, 4) int16 (else None). The one place training, evaluation and the
     daemon turn flows into model input. unwrap_tunnels: VPN flows from inside (flagd.tunnels)."""
+    if sides is None and (packet_aware or unwrap_tunnels):
+        raise ValueError("a packet-aware model, or one reading tunnels from inside, needs each "
+                         "packet's side channel")
     if unwrap_tunnels:
-        if sides is None:
-            raise ValueError("reading tunnels from inside needs each packet's side channel")
         flows, sides = unwrapped(flows, sides)
     if not packet_aware:
         return phrases.encode_flows(flows, max_len), None
-    if sides is None:
-        raise ValueError("a packet-aware model needs each packet's side channel")
     ids, packet_of = phrases.encode_flows_with_packets(flows, max_len)
     return ids, context(packet_of, sides)
 

@@ -80,12 +80,13 @@ def _is_wireguard(head: bytes, length: int) -> bool:
 def kind(packets: Sequence[bytes]) -> str | None:
     """The tunnel a flow's packets (model bytes, first packet first) belong to, or None."""
     p = _payloads(packets) if packets else None
-    return _kind([(head, length) for _, _, head, length in p]) if p else None
+    return _kind(p) if p else None
 
 
-def _kind(p: list[tuple[bytes, int]]) -> str | None:
-    head, length = p[0]
-    if all(_is_wireguard(*x) for x in p):
+def _kind(p: list[tuple[int, int, bytes, int]]) -> str | None:
+    """The tunnel of a flow's `_payloads`, or None."""
+    _, _, head, length = p[0]
+    if all(_is_wireguard(h, n) for _, _, h, n in p):
         return "wireguard"
     if _is_openvpn(p):
         return "openvpn"
@@ -95,13 +96,14 @@ def _kind(p: list[tuple[bytes, int]]) -> str | None:
     return None
 
 
-def _is_openvpn(p: list[tuple[bytes, int]]) -> bool:
+def _is_openvpn(p: list[tuple[int, int, bytes, int]]) -> bool:
     """A client's hard reset (key 0, v2 or v3), the server's answering one among the packets
     that follow, and every packet's first byte a known opcode: a first byte alone matches
     plain text (syslog's "<" is a v2 hard reset's 0x38 + 4)."""
-    if not p[0][0] or p[0][0][0] not in (0x38, 0x50) or p[0][1] < 14:
+    _, _, head, length = p[0]
+    if not head or head[0] not in (0x38, 0x50) or length < 14:
         return False
-    opcodes = [head[0] >> 3 for head, _ in p if head]
+    opcodes = [h[0] >> 3 for _, _, h, _ in p if h]
     return OVPN_SERVER_RESET in opcodes[1:] and all(1 <= op <= 10 for op in opcodes)
 
 
@@ -122,7 +124,7 @@ def unwrap(packets: Sequence[bytes], sides: Sequence[tuple[int, int, float]]
     """A recognised tunnel flow as the packets it carried (see the module docstring); any other
     flow, or a tunnel flow with no data packet among these, unchanged."""
     p = _payloads(packets) if packets else None
-    tunnel = _kind([(head, length) for _, _, head, length in p]) if p else None
+    tunnel = _kind(p) if p else None
     if tunnel is None:
         return list(packets), list(sides)
     out, out_sides, clock, last = [], [], 0.0, None
