@@ -74,7 +74,8 @@ def main() -> None:
         if d.settings != ds.settings:
             raise SystemExit(f"{p}: built with other settings than {a.run / 'dataset.npz'}")
     if proto.get("unwrap_tunnels"):  # VPN flows from inside, as the run's models and forest read them
-        ds, parts = unwrapped_dataset(ds), [unwrapped_dataset(d) for d in parts]
+        n = proto.get("tunnel_packets", 0)
+        ds, parts = unwrapped_dataset(ds, n), [unwrapped_dataset(d, n) for d in parts]
     y = np.concatenate([[ds.classes.index(d.classes[i]) for i in d.labels] for d in parts])
     flows = [f for d in parts for f in d.flows]
     sides = [s for d in parts for s in d.sides]

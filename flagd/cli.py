@@ -354,13 +354,15 @@ def _phrases(vocab: Path):
         raise fail(str(e)) from None
 
 
-def _model_input(phrases, sets, max_len: int, packet_aware: bool, unwrap_tunnels: bool = False):
+def _model_input(phrases, sets, max_len: int, packet_aware: bool, unwrap_tunnels: bool = False,
+                 tunnel_packets: int = 0):
     """Phrase ids (and packet context) of every flow of the datasets, in order."""
     from flagd import inputs
 
     flows = [f for ds in sets for f in ds.flows]
     sides = [s for ds in sets for s in ds.sides]
-    return inputs.encode(phrases, flows, sides, max_len, packet_aware, unwrap_tunnels)
+    return inputs.encode(phrases, flows, sides, max_len, packet_aware, unwrap_tunnels,
+                         tunnel_packets)
 
 
 @app.command()
@@ -459,16 +461,17 @@ def finetune(
             raise fail(f"--layers {layers}: {init}: {e}", Exit.USAGE) from None
     max_len = ckpt["config"]["max_len"] if ckpt else max_len
     aware = ckpt["config"].get("packet_aware", False) if ckpt else packet_aware
-    unwrap = ckpt["config"].get("unwrap_tunnels", False) if ckpt else False
+    view = (ckpt["config"].get("unwrap_tunnels", False), ckpt["config"].get("tunnel_packets", 0)) \
+        if ckpt else (False, 0)
     settings = FlowSettings.from_dict(tr.settings)
     foreign = _foreign_flows(outliers or [], settings)
-    tr_ids, tr_ctx = _model_input(phrases, [tr], max_len, aware, unwrap)
-    va_ids, va_ctx = _model_input(phrases, [va], max_len, aware, unwrap)
-    o_ids, o_ctx = (_model_input(phrases, foreign, max_len, aware, unwrap) if foreign
+    tr_ids, tr_ctx = _model_input(phrases, [tr], max_len, aware, *view)
+    va_ids, va_ctx = _model_input(phrases, [va], max_len, aware, *view)
+    o_ids, o_ctx = (_model_input(phrases, foreign, max_len, aware, *view) if foreign
                     else (None, None))
     if synthetic_outliers:
         o_ids, o_ctx = with_synthetic(o_ids, o_ctx, tr, np.arange(len(tr)), phrases, max_len,
-                                      aware, seed, out / "synthetic-outliers.npz", unwrap)
+                                      aware, seed, out / "synthetic-outliers.npz", *view)
     run_finetune(tr_ids, tr.labels, va_ids, va.labels, train_ctx=tr_ctx, val_ctx=va_ctx,
                  init=ckpt, cfg=cfg, labels=tr.classes, run_dir=out, epochs=epochs,
                  batch_size=batch_size, lr=lr, balance=balance, vocab_sha256=phrases.sha256,
@@ -678,6 +681,7 @@ def train(
     equal_steps: Annotated[bool, typer.Option(help="Fine-tune a label fraction f for EPOCHS / f epochs: as many steps as with all labels.")] = False,
     split_by: Annotated[str, typer.Option(help="Product mode's 80/10/10: flow (flows at random) or capture (whole captures, as honest mode; a lab session's flows stay on one side).")] = "flow",
     unwrap_tunnels: Annotated[bool, typer.Option(help="Read WireGuard, OpenVPN and IPsec flows from inside: their data packets at inner size, framing removed (every variant, the forest included).")] = False,
+    tunnel_packets: Annotated[int, typer.Option(min=0, help="With --unwrap-tunnels: read a tunnel flow's first N data packets (every variant, the forest included) [default: all it has].")] = 0,
     fraction: Annotated[list[float] | None, typer.Option(min=0.001, max=1.0, help="Labelled fractions to train on [default: 1.0 and 0.1].")] = None,
     draw: Annotated[int, typer.Option(min=0, help="Another draw of the labelled rows and of the fine-tuning and forest seeds (SEED + DRAW), same split and pre-training; rows go to <variant>-<pct>-drawN.")] = 0,
     self_train: Annotated[float | None, typer.Option(min=0.0, max=1.0, metavar="MIN_PROB", help="Self-training for label fractions under 1: each fine-tuned model labels the flows whose labels the fraction lacks; those it gives at least MIN_PROB join the labelled flows for a student fine-tuned from the same start, as many steps (<variant>-<pct>-self-trained).")] = None,
@@ -715,7 +719,7 @@ def train(
                      outliers=tuple(map(str, outliers or ())), outlier_weight=outlier_weight,
                      synthetic_outliers=synthetic_outliers, shallow_layers=shallow_layers,
                      equal_steps=equal_steps, split_by=split_by, draw=draw,
-                     unwrap_tunnels=unwrap_tunnels,
+                     unwrap_tunnels=unwrap_tunnels, tunnel_packets=tunnel_packets,
                      fractions=tuple(fraction or Protocol.fractions), self_train=self_train,
                      self_train_rounds=self_train_rounds)
     if self_train is not None and min(proto.fractions) >= 1:

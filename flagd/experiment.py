@@ -78,6 +78,7 @@ class Protocol:
     packet_aware: bool = True  # input of flag, no-pretrain and bytes-only (flag-flat: never)
     # every variant, the forest included, reads VPN tunnel flows from inside (flagd.tunnels)
     unwrap_tunnels: bool = False
+    tunnel_packets: int = 0  # with unwrap_tunnels: a tunnel flow's first N data packets; 0: all
     unlabelled: tuple[str, ...] = ()  # extra captures for pre-training only (labels unused)
     outliers: tuple[str, ...] = ()  # foreign captures for outlier exposure in fine-tuning
     outlier_weight: float = 0.5
@@ -322,7 +323,7 @@ def run_mode(ds: Dataset, mode: str, p: Protocol, out: Path, extra: Dataset | No
     variant fine-tunes (outlier exposure), so their rows stay comparable."""
     split = _splits(ds, mode, p)  # captures and labels only: the same with tunnels unwrapped
     if p.unwrap_tunnels:
-        ds, extra, outliers = (None if d is None else unwrapped_dataset(d)
+        ds, extra, outliers = (None if d is None else unwrapped_dataset(d, p.tunnel_packets)
                                for d in (ds, extra, outliers))
     (out / mode).mkdir(parents=True, exist_ok=True)
     (out / mode / "split.json").write_text(json.dumps({k: v.tolist() for k, v in split.items()}))
@@ -383,6 +384,7 @@ def run_mode(ds: Dataset, mode: str, p: Protocol, out: Path, extra: Dataset | No
                 (ids, ctx), (o_ids, o_ctx) = encoded[key, aware]
                 cfg = ModelConfig.preset(p.preset, vocab_size=phrases.vocab_size, max_len=p.max_len,
                                          packet_aware=aware, unwrap_tunnels=p.unwrap_tunnels,
+                                         tunnel_packets=p.tunnel_packets,
                                          **p.overrides)
                 init, pre_wall = None, 0.0
                 tuned_cfg = cfg
@@ -435,13 +437,14 @@ def run_mode(ds: Dataset, mode: str, p: Protocol, out: Path, extra: Dataset | No
 
 def with_synthetic(o_ids: np.ndarray | None, o_ctx: np.ndarray | None, ds: Dataset,
                    rows: np.ndarray, phrases: PhraseDict, max_len: int, aware: bool, seed: int,
-                   path: Path, unwrap_tunnels: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+                   path: Path, unwrap_tunnels: bool = False, tunnel_packets: int = 0
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
     """The exposure input plus synthetic outliers made from `rows` (training rows only), which
     are also saved at `path`, for `flagd calibrate --exposure`."""
     synthetic = synthesize(ds, rows, seed)
     synthetic.save(path)
     s_ids, s_ctx = inputs.encode(phrases, synthetic.flows, synthetic.sides, max_len, aware,
-                                 unwrap_tunnels)
+                                 unwrap_tunnels, tunnel_packets)
     if o_ids is None:
         return s_ids, s_ctx
     return np.concatenate([o_ids, s_ids]), None if o_ctx is None else np.concatenate([o_ctx, s_ctx])
@@ -495,9 +498,10 @@ def _pretrained(run: Path, ids: np.ndarray, ctx: np.ndarray | None, rows: np.nda
     return torch.load(run / "best.pt", weights_only=True), float((run / "wall_s").read_text())
 
 
-def unwrapped_dataset(ds: Dataset) -> Dataset:
-    """ds with every VPN tunnel flow read from inside, as a model with unwrap_tunnels reads it."""
-    flows, sides = inputs.unwrapped(ds.flows, ds.sides)
+def unwrapped_dataset(ds: Dataset, tunnel_packets: int = 0) -> Dataset:
+    """ds with every VPN tunnel flow read from inside (at most tunnel_packets data packets), as
+    a model with unwrap_tunnels reads it."""
+    flows, sides = inputs.unwrapped(ds.flows, ds.sides, tunnel_packets)
     return Dataset(flows, sides, ds.labels, ds.classes, ds.source, ds.sources, ds.start,
                    ds.settings, ds.stats)
 

@@ -322,7 +322,7 @@ class Bundle:
         dataset's `flows` and `sides`): what `encode` builds from live flows."""
         cfg = self.model.cfg
         return inputs.encode(self.phrases, packets, sides, self.max_len, cfg.packet_aware,
-                             cfg.unwrap_tunnels)
+                             cfg.unwrap_tunnels, cfg.tunnel_packets)
 
     def outputs(self, encoded: Encoded) -> tuple[np.ndarray, np.ndarray]:
         """Class logits (N, n_classes) and [CLS] vectors (N, C) as float32 numpy: the single

@@ -67,24 +67,26 @@ def context(packet_of: np.ndarray, sides: Sequence[Sequence[Side]]) -> np.ndarra
 
 
 def encode(phrases: PhraseDict, flows: Sequence[Sequence[bytes]],
-           sides: Sequence[Sequence[Side]] | None, max_len: int,
-           packet_aware: bool, unwrap_tunnels: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+           sides: Sequence[Sequence[Side]] | None, max_len: int, packet_aware: bool,
+           unwrap_tunnels: bool = False, tunnel_packets: int = 0
+           ) -> tuple[np.ndarray, np.ndarray | None]:
     """Model input for a batch of flows: ids (N, max_len) int32 and, for a packet-aware model,
     its context (N, max_len, 4) int16 (else None). The one place training, evaluation and the
-    daemon turn flows into model input. unwrap_tunnels: VPN flows from inside (flagd.tunnels)."""
+    daemon turn flows into model input. unwrap_tunnels and tunnel_packets: see `unwrapped`."""
     if sides is None and (packet_aware or unwrap_tunnels):
         raise ValueError("a packet-aware model, or one reading tunnels from inside, needs each "
                          "packet's side channel")
     if unwrap_tunnels:
-        flows, sides = unwrapped(flows, sides)
+        flows, sides = unwrapped(flows, sides, tunnel_packets)
     if not packet_aware:
         return phrases.encode_flows(flows, max_len), None
     ids, packet_of = phrases.encode_flows_with_packets(flows, max_len)
     return ids, context(packet_of, sides)
 
 
-def unwrapped(flows: Sequence[Sequence[bytes]], sides: Sequence[Sequence[Side]]
-              ) -> tuple[list[list[bytes]], list[list[Side]]]:
-    """Every flow through flagd.tunnels.unwrap (other flows unchanged)."""
-    pairs = [tunnels.unwrap(f, s) for f, s in zip(flows, sides, strict=True)]
+def unwrapped(flows: Sequence[Sequence[bytes]], sides: Sequence[Sequence[Side]],
+              tunnel_packets: int = 0) -> tuple[list[list[bytes]], list[list[Side]]]:
+    """Every flow through flagd.tunnels.unwrap: VPN flows from inside, at most tunnel_packets
+    data packets each if that is > 0; other flows unchanged."""
+    pairs = [tunnels.unwrap(f, s, tunnel_packets) for f, s in zip(flows, sides, strict=True)]
     return [p for p, _ in pairs], [s for _, s in pairs]

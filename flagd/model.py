@@ -47,6 +47,8 @@ class ModelConfig:
     # VPN tunnel flows read from inside (flagd.tunnels.unwrap): their data packets at inner
     # size, tunnel framing removed, so a class learnt through one tunnel kind carries to another.
     unwrap_tunnels: bool = False
+    # With unwrap_tunnels: a tunnel flow's first tunnel_packets data packets (0: all it has).
+    tunnel_packets: int = 0
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:

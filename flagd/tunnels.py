@@ -119,10 +119,16 @@ def _inner_length(tunnel: str, head: bytes, length: int) -> int:
     return 0
 
 
-def unwrap(packets: Sequence[bytes], sides: Sequence[tuple[int, int, float]]
+def unwrap(packets: Sequence[bytes], sides: Sequence[tuple[int, int, float]], max_packets: int = 0
            ) -> tuple[list[bytes], list[tuple[int, int, float]]]:
-    """A recognised tunnel flow as the packets it carried (see the module docstring); any other
-    flow, or a tunnel flow with no data packet among these, unchanged."""
+    """A recognised tunnel flow as the packets it carried (see the module docstring), the first
+    max_packets of them if that is > 0; any other flow, or a tunnel flow with no data packet
+    among these, unchanged.
+
+    Why a cap: from the same K wire packets the tunnel kinds leave different numbers of data
+    packets (a WireGuard handshake takes 2 packets, OpenVPN's control channel about 14), so a
+    model reading every one can learn the count, that is the tunnel kind, instead of the class.
+    """
     p = _payloads(packets) if packets else None
     tunnel = _kind(p) if p else None
     if tunnel is None:
@@ -138,6 +144,8 @@ def unwrap(packets: Sequence[bytes], sides: Sequence[tuple[int, int, float]]
         # the same link-layer bytes (Ethernet's 14, ...) around the packet the tunnel carried
         out_sides.append((direction, wire - length + inner, 0.0 if last is None else clock - last))
         last = clock
+        if len(out) == max_packets:
+            break
     if not out:
         return list(packets), list(sides)
     return out, out_sides

@@ -133,8 +133,9 @@ def test_unwrapping_twice_changes_nothing_and_the_model_input_follows_the_flag()
 
 
 def test_a_model_trained_to_unwrap_tunnels_unwraps_them_when_it_classifies(tmp_path):
-    """`flagd train --unwrap-tunnels`: the bundle says so, and reads a WireGuard flow exactly
-    as its unwrapped form (the daemon's path: Bundle.encode_packets)."""
+    """`flagd train --unwrap-tunnels --tunnel-packets N`: the bundle says so, and reads a
+    WireGuard flow exactly as the first N packets of its unwrapped form (the daemon's path:
+    Bundle.encode_packets)."""
     from typer.testing import CliRunner
 
     from flagd.cli import app
@@ -162,14 +163,19 @@ def test_a_model_trained_to_unwrap_tunnels_unwraps_them_when_it_classifies(tmp_p
                                  "product", "--preset", "tiny", "--max-len", "48", "--vocab-size",
                                  "300", "--packets", "16", "--packet-bytes", "64",
                                  "--pretrain-epochs", "1", "--finetune-epochs", "1", "--fraction",
-                                 "1", "--variant", "flag", "--variant", "rf", "--unwrap-tunnels"])
+                                 "1", "--variant", "flag", "--variant", "rf", "--unwrap-tunnels",
+                                 "--tunnel-packets", "4"])
     assert r.exit_code == 0, r.output
-    assert json.loads((out / "protocol.json").read_text())["unwrap_tunnels"]
+    protocol = json.loads((out / "protocol.json").read_text())
+    assert protocol["unwrap_tunnels"] and protocol["tunnel_packets"] == 4
     bundle = Bundle.load(out / "product" / "flag-100" / "model", device="cpu")
-    assert bundle.model.cfg.unwrap_tunnels
+    assert bundle.model.cfg.unwrap_tunnels and bundle.model.cfg.tunnel_packets == 4
     packets, sides = meter(wireguard(), honest=False)
+    inner, inner_sides = inputs.unwrapped([packets], [sides])
+    assert len(inner[0]) > 4 and inputs.unwrapped([packets], [sides], 4) == (
+        [inner[0][:4]], [inner_sides[0][:4]])
     ids, ctx = bundle.encode_packets([packets], [sides])
-    want_ids, want_ctx = inputs.encode(bundle.phrases, *inputs.unwrapped([packets], [sides]),
+    want_ids, want_ctx = inputs.encode(bundle.phrases, [inner[0][:4]], [inner_sides[0][:4]],
                                        bundle.max_len, True)
     raw_ids, _ = inputs.encode(bundle.phrases, [packets], [sides], bundle.max_len, True)
     assert (ids == want_ids).all() and (ctx == want_ctx).all() and not (ids == raw_ids).all()
