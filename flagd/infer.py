@@ -355,7 +355,12 @@ class Bundle:
         return probs, scores, accept
 
     def predict(self, encoded: Encoded, packets_used: list[int]) -> list[Prediction]:
+        """Predictions for encoded flows; packets_used: each flow's packet count, reported as
+        the packets the model actually read where its input holds fewer (a tunnel flow read
+        from inside, or cut to tunnel_packets)."""
         probs, scores, accept = self.decide(*self.outputs(encoded))
+        read = inputs.packets_read(*encoded)
+        packets_used = [min(n, max(1, int(r))) for n, r in zip(packets_used, read, strict=True)]
         k = min(self.top_k, probs.shape[1])
         top_i = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         top_p = np.take_along_axis(probs, top_i, 1)

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from flagd import tunnels
-from flagd.phrases import PhraseDict
+from flagd.phrases import CLS, EOS, PAD, SEP, PhraseDict
 
 MAX_PACKETS = 64  # packet-index embeddings; later packets share the last one
 SIZE_STEP = 32  # bytes per wire-length bucket
@@ -82,6 +82,15 @@ def encode(phrases: PhraseDict, flows: Sequence[Sequence[bytes]],
         return phrases.encode_flows(flows, max_len), None
     ids, packet_of = phrases.encode_flows_with_packets(flows, max_len)
     return ids, context(packet_of, sides)
+
+
+def packets_read(ids: np.ndarray, ctx: np.ndarray | None) -> np.ndarray:
+    """(N,) how many of each flow's packets its model input holds: after tunnel unwrapping,
+    tunnel_packets and the id budget (at most MAX_PACKETS counted from a packet context)."""
+    if ctx is not None:
+        return ctx[..., 0].max(axis=1).astype(np.int64)
+    phrase = (ids != PAD) & (ids != CLS) & (ids != EOS)
+    return (ids == SEP).sum(axis=1) + phrase.any(axis=1)
 
 
 def unwrapped(flows: Sequence[Sequence[bytes]], sides: Sequence[Sequence[Side]],

@@ -46,6 +46,16 @@ def test_packet_index_matches_a_plain_reading_of_the_row(flows, max_len):
                 current += 1
 
 
+def test_packets_read_counts_the_packets_the_input_holds():
+    flows = [[b"abc", b"de", b"f"], [b"x"], []]
+    sides = [[(0, 60, 0.0)] * 3, [(1, 60, 0.0)], []]
+    for max_len, want in ((32, [3, 1, 0]), (6, [2, 1, 0])):  # 6 ids: CLS + 2 packets + EOS
+        ids, ctx = inputs.encode(BYTES, flows, sides, max_len, packet_aware=True)
+        assert inputs.packets_read(ids, ctx).tolist() == want
+        flat, _ = inputs.encode(BYTES, flows, sides, max_len, packet_aware=False)
+        assert inputs.packets_read(flat, None).tolist() == want
+
+
 def test_buckets_of_size_direction_and_gap():
     b = inputs.bucketize(np.array([[0, 60, 0.0], [1, 1500, 0.02], [0, 9000, 500.0]]))
     assert b[:, 0].tolist() == [1, 2, 1]  # direction + 1

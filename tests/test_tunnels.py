@@ -179,3 +179,4 @@ def test_a_model_trained_to_unwrap_tunnels_unwraps_them_when_it_classifies(tmp_p
                                        bundle.max_len, True)
     raw_ids, _ = inputs.encode(bundle.phrases, [packets], [sides], bundle.max_len, True)
     assert (ids == want_ids).all() and (ctx == want_ctx).all() and not (ids == raw_ids).all()
+    assert bundle.predict((ids, ctx), [len(packets)])[0].packets_used == 4  # what it read
