@@ -461,8 +461,8 @@ def finetune(
             raise fail(f"--layers {layers}: {init}: {e}", Exit.USAGE) from None
     max_len = ckpt["config"]["max_len"] if ckpt else max_len
     aware = ckpt["config"].get("packet_aware", False) if ckpt else packet_aware
-    view = (ckpt["config"].get("unwrap_tunnels", False), ckpt["config"].get("tunnel_packets", 0)) \
-        if ckpt else (False, 0)
+    saved = ckpt["config"] if ckpt else {}
+    view = (saved.get("unwrap_tunnels", False), saved.get("tunnel_packets", 0))  # as pre-trained
     settings = FlowSettings.from_dict(tr.settings)
     foreign = _foreign_flows(outliers or [], settings)
     tr_ids, tr_ctx = _model_input(phrases, [tr], max_len, aware, *view)
