@@ -434,7 +434,8 @@ def pretrain(
     last_path = run_dir / "last.pt"
     if resume and last_path.exists():
         ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
-        if ckpt["config"] != cfg.to_dict() or ckpt["vocab_sha256"] != vocab_sha256:
+        # through from_dict: a field added since the checkpoint was written takes its default
+        if ModelConfig.from_dict(ckpt["config"]) != cfg or ckpt["vocab_sha256"] != vocab_sha256:
             raise ValueError(f"{last_path} holds another model config or phrase dictionary")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
