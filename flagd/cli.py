@@ -323,6 +323,37 @@ def dataset_build(
         typer.echo(f"flagd: {st['captures_unlabelled']} captures had no label and were skipped", err=True)
 
 
+@dataset_app.command("split")
+def dataset_split(
+    mode_dir: Annotated[Path, typer.Argument(help="A `flagd train` mode directory (OUT/product, OUT/loio, ...): its dataset.npz and split.json.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Directory for train.npz, val.npz, test.npz (and unlabelled.npz).")],
+) -> None:
+    """Cut a training run's dataset by its split, for `flagd finetune`, `calibrate` and
+    `evaluate` on exactly the flows the run trained, validated and tested on."""
+    import json
+
+    import numpy as np
+
+    from flagd.dataset import Dataset, DatasetError
+
+    split_path = mode_dir / "split.json"
+    try:
+        ds = Dataset.load(mode_dir / "dataset.npz")
+        split = json.loads(split_path.read_text())
+    except DatasetError as e:
+        raise fail(str(e)) from None
+    except (OSError, ValueError) as e:
+        raise fail(f"{split_path}: {getattr(e, 'strerror', None) or e}") from None
+    for part, rows in split.items():
+        if not rows and part == "unlabelled":
+            continue
+        idx = np.asarray(rows, np.int64)
+        if idx.size and not (0 <= idx.min() and idx.max() < len(ds)):
+            raise fail(f"{split_path}: {part} rows beyond the {len(ds)} flows of its dataset")
+        path = ds.subset(idx).save(out / f"{part}.npz")
+        typer.echo(f"{path}: {idx.size} flows")
+
+
 @vocab_app.command("build")
 def vocab_build(
     data: Annotated[list[Path], typer.Argument(help="Datasets (.npz) or capture trees.")],

@@ -249,6 +249,28 @@ def test_evaluate_writes_report_and_heatmap(trained, tmp_path):
     assert rep.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_dataset_split_gives_the_runs_own_test_flows(trained, tmp_path):
+    from flagd.dataset import Dataset
+
+    _, out, _ = trained
+    r = runner.invoke(app, ["dataset", "split", str(out / "paper"), "-o", str(tmp_path / "s")])
+    assert r.exit_code == 0, r.output
+    split = json.loads((out / "paper" / "split.json").read_text())
+    for part, rows in split.items():
+        assert len(Dataset.load(tmp_path / "s" / f"{part}.npz")) == len(rows)
+    # evaluating the cut test set scores exactly what the run scored on its test flows
+    rep = tmp_path / "test.json"
+    r = runner.invoke(app, ["evaluate", str(out / "paper" / "flag-100" / "model"),
+                            str(tmp_path / "s" / "test.npz"), "--json", str(rep)])
+    assert r.exit_code == 0, r.output
+    run_report = json.loads((out / "paper" / "flag-100" / "report.json").read_text())
+    assert json.loads(rep.read_text())["accuracy"] == pytest.approx(run_report["accuracy"])
+    (tmp_path / "nosplit").mkdir()
+    Dataset.load(out / "paper" / "dataset.npz").save(tmp_path / "nosplit" / "dataset.npz")
+    r = runner.invoke(app, ["dataset", "split", str(tmp_path / "nosplit"), "-o", str(tmp_path / "x")])
+    assert r.exit_code == 1 and "split.json: No such file" in r.output
+
+
 def test_a_split_saved_from_a_dataset_does_not_count_the_builds_dropped_flows(trained, tmp_path):
     from flagd.dataset import Dataset
 
